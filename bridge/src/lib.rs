@@ -1,0 +1,20 @@
+//! The channel bridge: MQTT topics as WebSocket channels.
+//!
+//! The core (no sockets, no AWS) decides what a frame means:
+//! [`channel`] names and filters, [`frame`] the wire format, [`payload`] the
+//! encodings, [`permissions`] and [`auth`] who may do what, [`session`] the
+//! decision both deployments execute, [`cover`] the broker subscriptions that
+//! guarantee one copy per connection, [`rate`] the publish rate limit.
+//!
+//! With the `server` feature (default), [`server`] is the self-hosted
+//! `bridge serve`, [`config`] its settings and [`client`] the little
+//! `bridge sub` / `bridge pub` client.
+
+pub mod auth;
+pub mod channel;
+pub mod cover;
+pub mod frame;
+pub mod payload;
+pub mod permissions;
+pub mod rate;
+pub mod session;

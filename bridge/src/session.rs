@@ -1,0 +1,294 @@
+//! The decision both deployments share: given one client frame, the
+//! connection's permissions and the filters it already holds, what happens.
+//!
+//! Pure: no sockets, no clocks, no AWS. `bridge serve` and the `ws-handler`
+//! Lambda call [`decide`] and then carry out the [`Action`] (update their
+//! subscription store, publish to MQTT, send the reply). Every protocol rule
+//! about what a request may do lives here, once.
+
+use std::collections::{BTreeSet, HashSet};
+
+use crate::channel::{self, ChannelError, Prefix};
+use crate::frame::{self, ErrorCode, FrameError, FrameLimits, Id, Request};
+use crate::permissions::Permissions;
+
+/// The deployment's rules.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Broker-side prefix clients never see.
+    pub prefix: Prefix,
+    /// Reserved (`$`) filters the deployment allows to every connection,
+    /// in client terms (e.g. `$SYS/#`).
+    pub reserved: Vec<String>,
+    pub limits: FrameLimits,
+    /// Filters one connection may hold (default 100).
+    pub max_subscriptions: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            prefix: Prefix::default(),
+            reserved: Vec::new(),
+            limits: FrameLimits::default(),
+            max_subscriptions: 100,
+        }
+    }
+}
+
+/// The filters a connection holds, however the deployment stores them.
+pub trait Held {
+    fn holds(&self, filter: &str) -> bool;
+    fn count(&self) -> usize;
+}
+
+impl Held for BTreeSet<String> {
+    fn holds(&self, filter: &str) -> bool {
+        self.contains(filter)
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Held for HashSet<String> {
+    fn holds(&self, filter: &str) -> bool {
+        self.contains(filter)
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+/// What to do with a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to carry out; send this frame back (if any).
+    Reply(Option<String>),
+    /// Start delivering `channel` (a filter) to this connection; `mqtt` is
+    /// the broker filter. With `retained`, replay the retained messages first.
+    Subscribe { id: Option<Id>, channel: String, mqtt: String, retained: bool },
+    /// Stop delivering `channel`, which the connection holds.
+    Unsubscribe { id: Option<Id>, channel: String, mqtt: String },
+    /// Publish to the broker topic `mqtt`.
+    Publish { id: Option<Id>, channel: String, mqtt: String, payload: Vec<u8>, qos: u8, retain: bool },
+}
+
+impl Action {
+    /// The `ack` to send once a subscribe, unsubscribe or publish took effect.
+    pub fn ack(&self) -> Option<String> {
+        match self {
+            Action::Reply(_) => None,
+            Action::Subscribe { id, .. }
+            | Action::Unsubscribe { id, .. }
+            | Action::Publish { id, .. } => id.as_ref().map(frame::ack),
+        }
+    }
+
+    /// The request's id, for an error reply.
+    pub fn id(&self) -> Option<&Id> {
+        match self {
+            Action::Reply(_) => None,
+            Action::Subscribe { id, .. }
+            | Action::Unsubscribe { id, .. }
+            | Action::Publish { id, .. } => id.as_ref(),
+        }
+    }
+}
+
+fn refuse(e: FrameError) -> Action {
+    Action::Reply(Some(e.to_json()))
+}
+
+fn refuse_with(id: &Option<Id>, code: ErrorCode, message: impl Into<String>) -> Action {
+    refuse(FrameError::new(id.clone(), code, message))
+}
+
+/// Decides what one text frame does.
+pub fn decide(text: &str, perms: &Permissions, held: &dyn Held, policy: &Policy) -> Action {
+    let (id, request) = match frame::parse(text, &policy.limits) {
+        Ok(parsed) => parsed,
+        Err(e) => return refuse(e),
+    };
+    decide_request(id, request, perms, held, policy)
+}
+
+/// What a binary frame gets: the protocol is JSON text only.
+pub fn decide_binary() -> Action {
+    refuse(frame::binary_frame_error())
+}
+
+/// Decides what an already parsed request does.
+pub fn decide_request(
+    id: Option<Id>,
+    request: Request,
+    perms: &Permissions,
+    held: &dyn Held,
+    policy: &Policy,
+) -> Action {
+    match request {
+        Request::Ping => Action::Reply(Some(frame::pong(id.as_ref()))),
+        Request::Subscribe { channel, retained } => {
+            if let Err(e) = check_channel(&channel, policy, perms.names_for_subscribe(&channel)) {
+                return refuse_with(&id, ErrorCode::InvalidChannel, e.to_string());
+            }
+            if !perms.can_subscribe(&channel) {
+                return refuse_with(
+                    &id,
+                    ErrorCode::Forbidden,
+                    format!("not allowed to subscribe to {}", frame::json_string(&channel)),
+                );
+            }
+            if !held.holds(&channel) && held.count() >= policy.max_subscriptions {
+                return refuse_with(
+                    &id,
+                    ErrorCode::TooManySubscriptions,
+                    format!(
+                        "a connection holds at most {} subscriptions",
+                        policy.max_subscriptions
+                    ),
+                );
+            }
+            let mqtt = policy.prefix.to_mqtt(&channel);
+            Action::Subscribe { id, channel, mqtt, retained }
+        }
+        Request::Unsubscribe { channel } => {
+            if !held.holds(&channel) {
+                // Not an error: the request's effect (not subscribed) holds.
+                return Action::Reply(id.as_ref().map(frame::ack));
+            }
+            let mqtt = policy.prefix.to_mqtt(&channel);
+            Action::Unsubscribe { id, channel, mqtt }
+        }
+        Request::Publish { channel, payload, qos, retain } => {
+            if let Err(e) = check_channel(&channel, policy, perms.names_for_publish(&channel)) {
+                return refuse_with(&id, ErrorCode::InvalidChannel, e.to_string());
+            }
+            if !perms.can_publish(&channel) {
+                return refuse_with(
+                    &id,
+                    ErrorCode::Forbidden,
+                    format!("not allowed to publish to {}", frame::json_string(&channel)),
+                );
+            }
+            let mqtt = policy.prefix.to_mqtt(&channel);
+            Action::Publish { id, channel, mqtt, payload, qos, retain }
+        }
+    }
+}
+
+/// The deployment-dependent channel rules: reserved names and the prefix.
+fn check_channel(channel: &str, policy: &Policy, named: bool) -> Result<(), ChannelError> {
+    if channel::is_reserved(channel)
+        && !named
+        && !policy.reserved.iter().any(|r| channel::covers(r, channel))
+    {
+        return Err(ChannelError::Reserved);
+    }
+    policy.prefix.check_fits(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::permissions::ChannelsClaim;
+
+    fn run(text: &str, perms: &Permissions, held: &BTreeSet<String>) -> Action {
+        decide(text, perms, held, &Policy::default())
+    }
+
+    fn error_code(action: &Action) -> String {
+        match action {
+            Action::Reply(Some(text)) => {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                v["code"].as_str().unwrap_or("").to_string()
+            }
+            other => panic!("expected an error reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscribe_and_limits() {
+        let all = Permissions::allow_all();
+        let mut held = BTreeSet::new();
+        let a = run(r#"{"action":"subscribe","channel":"a/#","id":1}"#, &all, &held);
+        assert_eq!(a.ack().as_deref(), Some(r#"{"type":"ack","id":1}"#));
+        assert!(matches!(a, Action::Subscribe { ref mqtt, .. } if mqtt == "a/#"));
+        let policy = Policy { max_subscriptions: 2, ..Policy::default() };
+        held.insert("x".into());
+        held.insert("y".into());
+        let a = decide(r#"{"action":"subscribe","channel":"z"}"#, &all, &held, &policy);
+        assert_eq!(error_code(&a), "too_many_subscriptions");
+        // Re-subscribing a held filter is not a new subscription.
+        let a = decide(r#"{"action":"subscribe","channel":"x"}"#, &all, &held, &policy);
+        assert!(matches!(a, Action::Subscribe { .. }));
+    }
+
+    #[test]
+    fn unsubscribe_not_held_is_ack() {
+        let held = BTreeSet::new();
+        let a = run(r#"{"action":"unsubscribe","channel":"q","id":"u"}"#, &Permissions::allow_all(), &held);
+        assert_eq!(a, Action::Reply(Some(r#"{"type":"ack","id":"u"}"#.into())));
+        let a = run(r#"{"action":"unsubscribe","channel":"q"}"#, &Permissions::allow_all(), &held);
+        assert_eq!(a, Action::Reply(None));
+    }
+
+    #[test]
+    fn reserved_channels() {
+        let held = BTreeSet::new();
+        let all = Permissions::allow_all();
+        let a = run(r#"{"action":"subscribe","channel":"$SYS/#"}"#, &all, &held);
+        assert_eq!(error_code(&a), "invalid_channel");
+        let a = run(r#"{"action":"publish","channel":"$aws/x","data":1}"#, &all, &held);
+        assert_eq!(error_code(&a), "invalid_channel");
+        let policy = Policy { reserved: vec!["$SYS/#".into()], ..Policy::default() };
+        let a = decide(r#"{"action":"subscribe","channel":"$SYS/load"}"#, &all, &held, &policy);
+        assert!(matches!(a, Action::Subscribe { .. }));
+        let named = Permissions::from_claims(
+            None,
+            &ChannelsClaim { subscribe: vec!["$SYS/#".into()], publish: vec![] },
+        );
+        let a = run(r#"{"action":"subscribe","channel":"$SYS/x"}"#, &named, &held);
+        assert!(matches!(a, Action::Subscribe { .. }));
+    }
+
+    #[test]
+    fn permissions_and_prefix() {
+        let held = BTreeSet::new();
+        let p = Permissions::from_claims(
+            Some("u"),
+            &ChannelsClaim {
+                subscribe: vec!["fleet/+/telemetry".into()],
+                publish: vec!["fleet/+/commands".into()],
+            },
+        );
+        let a = run(r#"{"action":"subscribe","channel":"fleet/#","id":3}"#, &p, &held);
+        assert_eq!(error_code(&a), "forbidden");
+        let a = run(r#"{"action":"publish","channel":"fleet/d/telemetry","data":1}"#, &p, &held);
+        assert_eq!(error_code(&a), "forbidden");
+        let policy =
+            Policy { prefix: Prefix::new(Some("t1")).unwrap(), ..Policy::default() };
+        let a = decide(
+            r#"{"action":"publish","channel":"fleet/d/commands","data":1}"#,
+            &p,
+            &held,
+            &policy,
+        );
+        assert!(matches!(a, Action::Publish { ref mqtt, .. } if mqtt == "t1/fleet/d/commands"));
+        let a = decide(
+            r#"{"action":"subscribe","channel":"1/2/3/4/5/6/7/8"}"#,
+            &Permissions::allow_all(),
+            &held,
+            &policy,
+        );
+        assert_eq!(error_code(&a), "invalid_channel");
+    }
+
+    #[test]
+    fn ping_and_binary() {
+        let held = BTreeSet::new();
+        let a = run(r#"{"action":"ping","id":9}"#, &Permissions::allow_all(), &held);
+        assert_eq!(a, Action::Reply(Some(r#"{"type":"pong","id":9}"#.into())));
+        assert_eq!(error_code(&decide_binary()), "bad_request");
+    }
+}
