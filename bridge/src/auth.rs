@@ -58,7 +58,9 @@ pub struct Verifier {
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
-        f.debug_struct("Verifier").field("keys", &self.keys.len()).finish()
+        f.debug_struct("Verifier")
+            .field("keys", &self.keys.len())
+            .finish()
     }
 }
 
@@ -77,38 +79,47 @@ impl Verifier {
     /// HS256 with a shared secret.
     pub fn hs256(secret: &[u8], settings: AuthSettings) -> Result<Self, KeyError> {
         let key = DecodingKey::from_secret(secret).map_err(|_| KeyError::EmptySecret)?;
-        let key = Key { kid: None, alg: Algorithm::HS256, key };
-        Ok(Verifier { keys: vec![key], settings })
+        let key = Key {
+            kid: None,
+            alg: Algorithm::HS256,
+            key,
+        };
+        Ok(Verifier {
+            keys: vec![key],
+            settings,
+        })
     }
 
     /// RS256 / ES256 public keys from a JWKS JSON document.
     pub fn from_jwks_json(json: &str, settings: AuthSettings) -> Result<Self, KeyError> {
-        let set: JwkSet =
-            serde_json::from_str(json).map_err(|e| KeyError::Parse(e.to_string()))?;
+        let set: JwkSet = serde_json::from_str(json).map_err(|e| KeyError::Parse(e.to_string()))?;
         Self::from_jwk_set(&set, settings)
     }
 
     /// RS256 / ES256 public keys from a parsed key set; other keys are skipped.
     pub fn from_jwk_set(set: &JwkSet, settings: AuthSettings) -> Result<Self, KeyError> {
-        let keys: Vec<Key> = set
-            .keys
-            .iter()
-            .filter_map(|jwk| {
-                let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
-                    (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => {
-                        Algorithm::RS256
-                    }
-                    (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
-                        if ec.curve == EllipticCurve::P256 =>
-                    {
-                        Algorithm::ES256
-                    }
-                    _ => return None,
-                };
-                let key = DecodingKey::from_jwk(jwk).ok()?;
-                Some(Key { kid: jwk.common.key_id.clone(), alg, key })
-            })
-            .collect();
+        let keys: Vec<Key> =
+            set.keys
+                .iter()
+                .filter_map(|jwk| {
+                    let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                        (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => {
+                            Algorithm::RS256
+                        }
+                        (
+                            AlgorithmParameters::EllipticCurve(ec),
+                            None | Some(KeyAlgorithm::ES256),
+                        ) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
+                        _ => return None,
+                    };
+                    let key = DecodingKey::from_jwk(jwk).ok()?;
+                    Some(Key {
+                        kid: jwk.common.key_id.clone(),
+                        alg,
+                        key,
+                    })
+                })
+                .collect();
         if keys.is_empty() {
             return Err(KeyError::NoUsableKey);
         }
@@ -122,7 +133,10 @@ impl Verifier {
         }
         let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let key = match &header.kid {
-            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid.as_str())),
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid.as_str())),
             None if self.keys.len() == 1 => self.keys.first(),
             None => None,
         }
@@ -151,7 +165,10 @@ impl Verifier {
                 _ => AuthError::Invalid(e.to_string()),
             }
         })?;
-        Ok(Permissions::from_claims(data.claims.sub.as_deref(), &data.claims.channels))
+        Ok(Permissions::from_claims(
+            data.claims.sub.as_deref(),
+            &data.claims.channels,
+        ))
     }
 }
 
@@ -166,7 +183,12 @@ mod tests {
     }
 
     fn token(secret: &[u8], claims: serde_json::Value) -> String {
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret).unwrap()).unwrap()
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -38,10 +38,16 @@ impl fmt::Display for ChannelError {
         match self {
             ChannelError::Empty => write!(f, "a channel cannot be empty"),
             ChannelError::TooLong(n) => {
-                write!(f, "a channel is at most {MAX_BYTES} bytes (this one is {n})")
+                write!(
+                    f,
+                    "a channel is at most {MAX_BYTES} bytes (this one is {n})"
+                )
             }
             ChannelError::TooDeep(n) => {
-                write!(f, "a channel has at most {MAX_LEVELS} levels (this one has {n})")
+                write!(
+                    f,
+                    "a channel has at most {MAX_LEVELS} levels (this one has {n})"
+                )
             }
             ChannelError::Nul => write!(f, "a channel cannot contain U+0000"),
             ChannelError::WildcardInTopic => {
@@ -268,10 +274,16 @@ mod tests {
         assert_eq!(validate_topic("a/+"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a/#"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a\0b"), Err(ChannelError::Nul));
-        assert_eq!(validate_topic(&"x".repeat(257)), Err(ChannelError::TooLong(257)));
+        assert_eq!(
+            validate_topic(&"x".repeat(257)),
+            Err(ChannelError::TooLong(257))
+        );
         assert!(validate_topic(&"x".repeat(256)).is_ok());
         assert!(validate_topic("1/2/3/4/5/6/7/8").is_ok());
-        assert_eq!(validate_topic("1/2/3/4/5/6/7/8/9"), Err(ChannelError::TooDeep(9)));
+        assert_eq!(
+            validate_topic("1/2/3/4/5/6/7/8/9"),
+            Err(ChannelError::TooDeep(9))
+        );
     }
 
     #[test]
@@ -332,7 +344,10 @@ mod tests {
         assert_eq!(p.to_channel("tenant/a/b"), Some("a/b"));
         assert_eq!(p.to_channel("tenantx/a"), None);
         assert_eq!(p.to_channel("other/a"), None);
-        assert_eq!(p.check_fits("1/2/3/4/5/6/7/8"), Err(ChannelError::TooDeep(9)));
+        assert_eq!(
+            p.check_fits("1/2/3/4/5/6/7/8"),
+            Err(ChannelError::TooDeep(9))
+        );
         assert_eq!(Prefix::new(Some("")).unwrap(), Prefix::default());
         assert!(Prefix::new(Some("a/+")).is_err());
     }

@@ -126,7 +126,33 @@ impl Cover {
             return CoverChange::default();
         }
         self.elements.remove(&element);
-        CoverChange { subscribe: Vec::new(), unsubscribe: vec![element] }
+        CoverChange {
+            subscribe: Vec::new(),
+            unsubscribe: vec![element],
+        }
+    }
+
+    /// Installs `element` (subscribed at the broker meanwhile) with `members`,
+    /// absorbing the elements it overlaps, which it covers. Returns those
+    /// elements, to unsubscribe.
+    pub fn install(
+        &mut self,
+        element: &str,
+        members: impl IntoIterator<Item = String>,
+    ) -> Vec<String> {
+        let replaced: Vec<String> = self
+            .elements
+            .keys()
+            .filter(|e| channel::overlaps(e, element))
+            .cloned()
+            .collect();
+        let mut all: BTreeSet<String> = members.into_iter().collect();
+        for r in &replaced {
+            debug_assert!(channel::covers(element, r), "{element} must cover {r}");
+            all.extend(self.elements.remove(r).unwrap_or_default());
+        }
+        self.elements.insert(element.to_string(), all);
+        replaced
     }
 
     /// The difference between two covers: what to subscribe to go from
@@ -193,6 +219,18 @@ mod tests {
         assert_eq!(change.subscribe, vec!["+/1/x/#"]);
         assert_eq!(change.unsubscribe, vec!["a/1/x"]);
         assert!(disjoint(&c));
+    }
+
+    #[test]
+    fn install_absorbs_overlapping() {
+        let mut c = Cover::new();
+        c.add("fleet/+/t");
+        c.add("other");
+        let replaced = c.install("+/+/t", ["+/d1/t".to_string()]);
+        assert_eq!(replaced, vec!["fleet/+/t"]);
+        assert_eq!(c.element_for("fleet/+/t"), Some("+/+/t"));
+        assert!(c.is_member("+/d1/t") && c.is_member("fleet/+/t"));
+        assert_eq!(c.len(), 2);
     }
 
     #[test]

@@ -80,9 +80,19 @@ impl Id {
 /// A well-formed client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Subscribe { channel: String, retained: bool },
-    Unsubscribe { channel: String },
-    Publish { channel: String, payload: Vec<u8>, qos: u8, retain: bool },
+    Subscribe {
+        channel: String,
+        retained: bool,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+    },
     Ping,
 }
 
@@ -96,7 +106,11 @@ pub struct FrameError {
 
 impl FrameError {
     pub fn new(id: Option<Id>, code: ErrorCode, message: impl Into<String>) -> Self {
-        FrameError { id, code, message: message.into() }
+        FrameError {
+            id,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -115,7 +129,10 @@ pub struct FrameLimits {
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        FrameLimits { max_frame_bytes: 128 * 1024, max_payload_bytes: 128 * 1024 }
+        FrameLimits {
+            max_frame_bytes: 128 * 1024,
+            max_payload_bytes: 128 * 1024,
+        }
     }
 }
 
@@ -148,7 +165,11 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 
 /// The reply to a binary frame.
 pub fn binary_frame_error() -> FrameError {
-    FrameError::new(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text")
+    FrameError::new(
+        None,
+        ErrorCode::BadRequest,
+        "binary frames are not supported; send JSON text",
+    )
 }
 
 /// Parses one client text frame.
@@ -158,7 +179,11 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
         return Err(FrameError::new(
             peek_id(text),
             ErrorCode::TooLarge,
-            format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes),
+            format!(
+                "frame is {} bytes; the limit is {}",
+                text.len(),
+                limits.max_frame_bytes
+            ),
         ));
     }
     if !text.trim_start().starts_with('{') {
@@ -171,17 +196,22 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
     }
     let raw: RawFrame = match serde_json::from_str(text) {
         Ok(raw) => raw,
-        Err(e) if e.is_syntax() || e.is_eof() => return Err(bad(&None, "a frame must be valid JSON")),
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return Err(bad(&None, "a frame must be valid JSON"))
+        }
         Err(e) => return Err(bad(&None, &format!("malformed frame: {e}"))),
     };
     let id = match raw.id {
         None => None,
         Some(r) => Some(Id::parse(r).ok_or_else(|| {
-            bad(&None, "id must be a string of at most 64 characters or an integer")
+            bad(
+                &None,
+                "id must be a string of at most 64 characters or an integer",
+            )
         })?),
     };
-    let action: String = field(&id, "action", raw.action)?
-        .ok_or_else(|| bad(&id, "missing field \"action\""))?;
+    let action: String =
+        field(&id, "action", raw.action)?.ok_or_else(|| bad(&id, "missing field \"action\""))?;
     let request = match action.as_str() {
         "subscribe" => {
             let channel = channel_field(&id, raw.channel)?;
@@ -200,9 +230,8 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
             let data = raw.data.ok_or_else(|| bad(&id, "missing field \"data\""))?;
             let encoding = match field::<String>(&id, "encoding", raw.encoding)? {
                 None => Encoding::Json,
-                Some(name) => Encoding::parse(&name).ok_or_else(|| {
-                    bad(&id, "encoding must be \"json\", \"text\" or \"base64\"")
-                })?,
+                Some(name) => Encoding::parse(&name)
+                    .ok_or_else(|| bad(&id, "encoding must be \"json\", \"text\" or \"base64\""))?,
             };
             let qos = match field::<serde_json::Value>(&id, "qos", raw.qos)? {
                 None => 1,
@@ -212,8 +241,7 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
                 },
             };
             let retain = field(&id, "retain", raw.retain)?.unwrap_or(false);
-            let payload =
-                payload::encode(data, encoding).map_err(|e| bad(&id, &e.to_string()))?;
+            let payload = payload::encode(data, encoding).map_err(|e| bad(&id, &e.to_string()))?;
             if payload.len() > limits.max_payload_bytes {
                 return Err(FrameError::new(
                     id,
@@ -225,7 +253,12 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
                     ),
                 ));
             }
-            Request::Publish { channel, payload, qos, retain }
+            Request::Publish {
+                channel,
+                payload,
+                qos,
+                retain,
+            }
         }
         "ping" => Request::Ping,
         other => {
@@ -251,13 +284,22 @@ fn field<T: serde::de::DeserializeOwned>(
             "retain" | "retained" => "a boolean",
             _ => "a string",
         };
-        FrameError::new(id.clone(), ErrorCode::BadRequest, format!("{name} must be {expected}"))
+        FrameError::new(
+            id.clone(),
+            ErrorCode::BadRequest,
+            format!("{name} must be {expected}"),
+        )
     })
 }
 
 fn channel_field(id: &Option<Id>, raw: Option<&RawValue>) -> Result<String, FrameError> {
-    field(id, "channel", raw)?
-        .ok_or_else(|| FrameError::new(id.clone(), ErrorCode::BadRequest, "missing field \"channel\""))
+    field(id, "channel", raw)?.ok_or_else(|| {
+        FrameError::new(
+            id.clone(),
+            ErrorCode::BadRequest,
+            "missing field \"channel\"",
+        )
+    })
 }
 
 fn channel_error(id: &Option<Id>, e: ChannelError) -> FrameError {
@@ -305,7 +347,11 @@ pub fn pong(id: Option<&Id>) -> String {
 /// `{"type":"error","code":...,"message":...}` with the request's id.
 pub fn error(id: Option<&Id>, code: ErrorCode, message: &str) -> String {
     with_id(
-        &format!("\"type\":\"error\",\"code\":\"{}\",\"message\":{}", code, json_string(message)),
+        &format!(
+            "\"type\":\"error\",\"code\":\"{}\",\"message\":{}",
+            code,
+            json_string(message)
+        ),
         id,
     )
 }
@@ -360,7 +406,10 @@ mod tests {
             p(r#"{"action":"subscribe","channel":"fleet/+/t","id":1}"#).unwrap(),
             (
                 Some(Id::Int(1.into())),
-                Request::Subscribe { channel: "fleet/+/t".into(), retained: false }
+                Request::Subscribe {
+                    channel: "fleet/+/t".into(),
+                    retained: false
+                }
             )
         );
         assert_eq!(
@@ -376,10 +425,19 @@ mod tests {
                 }
             )
         );
-        assert_eq!(p(r#"{"action":"ping","extra":[1]}"#).unwrap(), (None, Request::Ping));
+        assert_eq!(
+            p(r#"{"action":"ping","extra":[1]}"#).unwrap(),
+            (None, Request::Ping)
+        );
         assert!(matches!(
-            p(r#"{"action":"publish","channel":"a","data":null}"#).unwrap().1,
-            Request::Publish { qos: 1, retain: false, .. }
+            p(r#"{"action":"publish","channel":"a","data":null}"#)
+                .unwrap()
+                .1,
+            Request::Publish {
+                qos: 1,
+                retain: false,
+                ..
+            }
         ));
     }
 
@@ -437,18 +495,30 @@ mod tests {
         ] {
             assert_eq!(code(text), ErrorCode::InvalidChannel, "{text}");
         }
-        let long = format!(r#"{{"action":"subscribe","channel":"{}"}}"#, "x".repeat(257));
+        let long = format!(
+            r#"{{"action":"subscribe","channel":"{}"}}"#,
+            "x".repeat(257)
+        );
         assert_eq!(code(&long), ErrorCode::InvalidChannel);
     }
 
     #[test]
     fn sizes() {
-        let limits = FrameLimits { max_frame_bytes: 100, max_payload_bytes: 10 };
+        let limits = FrameLimits {
+            max_frame_bytes: 100,
+            max_payload_bytes: 10,
+        };
         let big = format!(r#"{{"action":"ping","id":7,"pad":"{}"}}"#, "x".repeat(100));
         let e = parse(&big, &limits).unwrap_err();
-        assert_eq!((e.code, e.id), (ErrorCode::TooLarge, Some(Id::Int(7.into()))));
-        let e = parse(r#"{"action":"publish","channel":"a","data":"12345678901"}"#, &limits)
-            .unwrap_err();
+        assert_eq!(
+            (e.code, e.id),
+            (ErrorCode::TooLarge, Some(Id::Int(7.into())))
+        );
+        let e = parse(
+            r#"{"action":"publish","channel":"a","data":"12345678901"}"#,
+            &limits,
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         // Base64 counts decoded bytes: 12 chars decode to 9 bytes.
         assert!(parse(
@@ -461,20 +531,32 @@ mod tests {
     #[test]
     fn server_frames() {
         let v: Value = serde_json::from_str(&message("a/b", br#"{"temp":21.5}"#, false)).unwrap();
-        assert_eq!(v, json!({"type":"message","channel":"a/b","data":{"temp":21.5}}));
+        assert_eq!(
+            v,
+            json!({"type":"message","channel":"a/b","data":{"temp":21.5}})
+        );
         let v: Value = serde_json::from_str(&message("a", b"hi \"x\"", true)).unwrap();
         assert_eq!(
             v,
             json!({"type":"message","channel":"a","data":"hi \"x\"","encoding":"text","retained":true})
         );
         let v: Value = serde_json::from_str(&message("a", &[0xff], false)).unwrap();
-        assert_eq!(v, json!({"type":"message","channel":"a","data":"/w==","encoding":"base64"}));
+        assert_eq!(
+            v,
+            json!({"type":"message","channel":"a","data":"/w==","encoding":"base64"})
+        );
         assert_eq!(ack(&Id::Str("c1".into())), r#"{"type":"ack","id":"c1"}"#);
         assert_eq!(pong(None), r#"{"type":"pong"}"#);
-        let v: Value =
-            serde_json::from_str(&error(Some(&Id::Int(2.into())), ErrorCode::InvalidChannel, "no"))
-                .unwrap();
-        assert_eq!(v, json!({"type":"error","id":2,"code":"invalid_channel","message":"no"}));
+        let v: Value = serde_json::from_str(&error(
+            Some(&Id::Int(2.into())),
+            ErrorCode::InvalidChannel,
+            "no",
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"error","id":2,"code":"invalid_channel","message":"no"})
+        );
         assert_eq!(lagged(3), r#"{"type":"lagged","dropped":3}"#);
         assert_eq!(peek_id(r#"{"id":"z","x":[]}"#), Some(Id::Str("z".into())));
     }

@@ -18,3 +18,10 @@ pub mod payload;
 pub mod permissions;
 pub mod rate;
 pub mod session;
+
+#[cfg(feature = "server")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod server;

@@ -140,17 +140,38 @@ mod tests {
             encode(&raw(r#"{ "a" : [1, 2.50, "x y"] }"#), Encoding::Json).unwrap(),
             br#"{"a":[1,2.50,"x y"]}"#
         );
-        assert_eq!(encode(&raw(r#""quoted""#), Encoding::Json).unwrap(), br#""quoted""#);
-        assert_eq!(encode(&raw(r#""h\u00e9""#), Encoding::Text).unwrap(), "hé".as_bytes());
-        assert_eq!(encode(&raw("42"), Encoding::Text), Err(PayloadError::NotAString(Encoding::Text)));
-        assert_eq!(encode(&raw(r#""AAEC/w==""#), Encoding::Base64).unwrap(), vec![0, 1, 2, 255]);
-        assert_eq!(encode(&raw(r#""AAEC/w""#), Encoding::Base64).unwrap(), vec![0, 1, 2, 255]);
-        assert_eq!(encode(&raw(r#""%%%""#), Encoding::Base64), Err(PayloadError::InvalidBase64));
+        assert_eq!(
+            encode(&raw(r#""quoted""#), Encoding::Json).unwrap(),
+            br#""quoted""#
+        );
+        assert_eq!(
+            encode(&raw(r#""h\u00e9""#), Encoding::Text).unwrap(),
+            "hé".as_bytes()
+        );
+        assert_eq!(
+            encode(&raw("42"), Encoding::Text),
+            Err(PayloadError::NotAString(Encoding::Text))
+        );
+        assert_eq!(
+            encode(&raw(r#""AAEC/w==""#), Encoding::Base64).unwrap(),
+            vec![0, 1, 2, 255]
+        );
+        assert_eq!(
+            encode(&raw(r#""AAEC/w""#), Encoding::Base64).unwrap(),
+            vec![0, 1, 2, 255]
+        );
+        assert_eq!(
+            encode(&raw(r#""%%%""#), Encoding::Base64),
+            Err(PayloadError::InvalidBase64)
+        );
     }
 
     #[test]
     fn compact_keeps_strings() {
-        assert_eq!(compact_json(r#" [ "a \" b" , "\\" ,1 ] "#), r#"["a \" b","\\",1]"#);
+        assert_eq!(
+            compact_json(r#" [ "a \" b" , "\\" ,1 ] "#),
+            r#"["a \" b","\\",1]"#
+        );
     }
 
     #[test]

@@ -56,7 +56,11 @@ pub struct ChannelsClaim {
 impl Permissions {
     /// Auth off: everything (but reserved channels) is allowed.
     pub fn allow_all() -> Self {
-        Permissions { subject: None, subscribe: Grant::All, publish: Grant::All }
+        Permissions {
+            subject: None,
+            subscribe: Grant::All,
+            publish: Grant::All,
+        }
     }
 
     /// From a token's claims. `{sub}` in a pattern is the subject; a pattern
@@ -122,7 +126,10 @@ mod tests {
     fn subscribe_rule() {
         let p = Permissions::from_claims(
             Some("user-42"),
-            &claims(&["fleet/+/telemetry", "users/{sub}/#"], &["fleet/+/commands"]),
+            &claims(
+                &["fleet/+/telemetry", "users/{sub}/#"],
+                &["fleet/+/commands"],
+            ),
         );
         assert!(p.can_subscribe("fleet/dev-1/telemetry"));
         assert!(p.can_subscribe("fleet/+/telemetry"));

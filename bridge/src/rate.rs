@@ -16,7 +16,12 @@ impl RateLimiter {
     /// A limiter that starts full. A `rate` of 0 disables limiting.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         let burst = burst.max(1.0);
-        RateLimiter { rate, burst, tokens: burst, last: now }
+        RateLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
     }
 
     /// Takes one token if there is one.

@@ -65,20 +65,38 @@ impl Held for HashSet<String> {
 pub enum Action {
     /// Nothing to carry out; send this frame back (if any).
     Reply(Option<String>),
+    /// The request is refused: send this error back.
+    Refuse(FrameError),
     /// Start delivering `channel` (a filter) to this connection; `mqtt` is
     /// the broker filter. With `retained`, replay the retained messages first.
-    Subscribe { id: Option<Id>, channel: String, mqtt: String, retained: bool },
+    Subscribe {
+        id: Option<Id>,
+        channel: String,
+        mqtt: String,
+        retained: bool,
+    },
     /// Stop delivering `channel`, which the connection holds.
-    Unsubscribe { id: Option<Id>, channel: String, mqtt: String },
+    Unsubscribe {
+        id: Option<Id>,
+        channel: String,
+        mqtt: String,
+    },
     /// Publish to the broker topic `mqtt`.
-    Publish { id: Option<Id>, channel: String, mqtt: String, payload: Vec<u8>, qos: u8, retain: bool },
+    Publish {
+        id: Option<Id>,
+        channel: String,
+        mqtt: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+    },
 }
 
 impl Action {
     /// The `ack` to send once a subscribe, unsubscribe or publish took effect.
     pub fn ack(&self) -> Option<String> {
         match self {
-            Action::Reply(_) => None,
+            Action::Reply(_) | Action::Refuse(_) => None,
             Action::Subscribe { id, .. }
             | Action::Unsubscribe { id, .. }
             | Action::Publish { id, .. } => id.as_ref().map(frame::ack),
@@ -89,6 +107,7 @@ impl Action {
     pub fn id(&self) -> Option<&Id> {
         match self {
             Action::Reply(_) => None,
+            Action::Refuse(e) => e.id.as_ref(),
             Action::Subscribe { id, .. }
             | Action::Unsubscribe { id, .. }
             | Action::Publish { id, .. } => id.as_ref(),
@@ -97,7 +116,7 @@ impl Action {
 }
 
 fn refuse(e: FrameError) -> Action {
-    Action::Reply(Some(e.to_json()))
+    Action::Refuse(e)
 }
 
 fn refuse_with(id: &Option<Id>, code: ErrorCode, message: impl Into<String>) -> Action {
@@ -136,7 +155,10 @@ pub fn decide_request(
                 return refuse_with(
                     &id,
                     ErrorCode::Forbidden,
-                    format!("not allowed to subscribe to {}", frame::json_string(&channel)),
+                    format!(
+                        "not allowed to subscribe to {}",
+                        frame::json_string(&channel)
+                    ),
                 );
             }
             if !held.holds(&channel) && held.count() >= policy.max_subscriptions {
@@ -150,7 +172,12 @@ pub fn decide_request(
                 );
             }
             let mqtt = policy.prefix.to_mqtt(&channel);
-            Action::Subscribe { id, channel, mqtt, retained }
+            Action::Subscribe {
+                id,
+                channel,
+                mqtt,
+                retained,
+            }
         }
         Request::Unsubscribe { channel } => {
             if !held.holds(&channel) {
@@ -160,7 +187,12 @@ pub fn decide_request(
             let mqtt = policy.prefix.to_mqtt(&channel);
             Action::Unsubscribe { id, channel, mqtt }
         }
-        Request::Publish { channel, payload, qos, retain } => {
+        Request::Publish {
+            channel,
+            payload,
+            qos,
+            retain,
+        } => {
             if let Err(e) = check_channel(&channel, policy, perms.names_for_publish(&channel)) {
                 return refuse_with(&id, ErrorCode::InvalidChannel, e.to_string());
             }
@@ -172,7 +204,14 @@ pub fn decide_request(
                 );
             }
             let mqtt = policy.prefix.to_mqtt(&channel);
-            Action::Publish { id, channel, mqtt, payload, qos, retain }
+            Action::Publish {
+                id,
+                channel,
+                mqtt,
+                payload,
+                qos,
+                retain,
+            }
         }
     }
 }
@@ -199,10 +238,7 @@ mod tests {
 
     fn error_code(action: &Action) -> String {
         match action {
-            Action::Reply(Some(text)) => {
-                let v: serde_json::Value = serde_json::from_str(text).unwrap();
-                v["code"].as_str().unwrap_or("").to_string()
-            }
+            Action::Refuse(e) => e.code.as_str().to_string(),
             other => panic!("expected an error reply, got {other:?}"),
         }
     }
@@ -211,25 +247,50 @@ mod tests {
     fn subscribe_and_limits() {
         let all = Permissions::allow_all();
         let mut held = BTreeSet::new();
-        let a = run(r#"{"action":"subscribe","channel":"a/#","id":1}"#, &all, &held);
+        let a = run(
+            r#"{"action":"subscribe","channel":"a/#","id":1}"#,
+            &all,
+            &held,
+        );
         assert_eq!(a.ack().as_deref(), Some(r#"{"type":"ack","id":1}"#));
         assert!(matches!(a, Action::Subscribe { ref mqtt, .. } if mqtt == "a/#"));
-        let policy = Policy { max_subscriptions: 2, ..Policy::default() };
+        let policy = Policy {
+            max_subscriptions: 2,
+            ..Policy::default()
+        };
         held.insert("x".into());
         held.insert("y".into());
-        let a = decide(r#"{"action":"subscribe","channel":"z"}"#, &all, &held, &policy);
+        let a = decide(
+            r#"{"action":"subscribe","channel":"z"}"#,
+            &all,
+            &held,
+            &policy,
+        );
         assert_eq!(error_code(&a), "too_many_subscriptions");
         // Re-subscribing a held filter is not a new subscription.
-        let a = decide(r#"{"action":"subscribe","channel":"x"}"#, &all, &held, &policy);
+        let a = decide(
+            r#"{"action":"subscribe","channel":"x"}"#,
+            &all,
+            &held,
+            &policy,
+        );
         assert!(matches!(a, Action::Subscribe { .. }));
     }
 
     #[test]
     fn unsubscribe_not_held_is_ack() {
         let held = BTreeSet::new();
-        let a = run(r#"{"action":"unsubscribe","channel":"q","id":"u"}"#, &Permissions::allow_all(), &held);
+        let a = run(
+            r#"{"action":"unsubscribe","channel":"q","id":"u"}"#,
+            &Permissions::allow_all(),
+            &held,
+        );
         assert_eq!(a, Action::Reply(Some(r#"{"type":"ack","id":"u"}"#.into())));
-        let a = run(r#"{"action":"unsubscribe","channel":"q"}"#, &Permissions::allow_all(), &held);
+        let a = run(
+            r#"{"action":"unsubscribe","channel":"q"}"#,
+            &Permissions::allow_all(),
+            &held,
+        );
         assert_eq!(a, Action::Reply(None));
     }
 
@@ -239,16 +300,35 @@ mod tests {
         let all = Permissions::allow_all();
         let a = run(r#"{"action":"subscribe","channel":"$SYS/#"}"#, &all, &held);
         assert_eq!(error_code(&a), "invalid_channel");
-        let a = run(r#"{"action":"publish","channel":"$aws/x","data":1}"#, &all, &held);
+        let a = run(
+            r#"{"action":"publish","channel":"$aws/x","data":1}"#,
+            &all,
+            &held,
+        );
         assert_eq!(error_code(&a), "invalid_channel");
-        let policy = Policy { reserved: vec!["$SYS/#".into()], ..Policy::default() };
-        let a = decide(r#"{"action":"subscribe","channel":"$SYS/load"}"#, &all, &held, &policy);
+        let policy = Policy {
+            reserved: vec!["$SYS/#".into()],
+            ..Policy::default()
+        };
+        let a = decide(
+            r#"{"action":"subscribe","channel":"$SYS/load"}"#,
+            &all,
+            &held,
+            &policy,
+        );
         assert!(matches!(a, Action::Subscribe { .. }));
         let named = Permissions::from_claims(
             None,
-            &ChannelsClaim { subscribe: vec!["$SYS/#".into()], publish: vec![] },
+            &ChannelsClaim {
+                subscribe: vec!["$SYS/#".into()],
+                publish: vec![],
+            },
         );
-        let a = run(r#"{"action":"subscribe","channel":"$SYS/x"}"#, &named, &held);
+        let a = run(
+            r#"{"action":"subscribe","channel":"$SYS/x"}"#,
+            &named,
+            &held,
+        );
         assert!(matches!(a, Action::Subscribe { .. }));
     }
 
@@ -262,12 +342,22 @@ mod tests {
                 publish: vec!["fleet/+/commands".into()],
             },
         );
-        let a = run(r#"{"action":"subscribe","channel":"fleet/#","id":3}"#, &p, &held);
+        let a = run(
+            r#"{"action":"subscribe","channel":"fleet/#","id":3}"#,
+            &p,
+            &held,
+        );
         assert_eq!(error_code(&a), "forbidden");
-        let a = run(r#"{"action":"publish","channel":"fleet/d/telemetry","data":1}"#, &p, &held);
+        let a = run(
+            r#"{"action":"publish","channel":"fleet/d/telemetry","data":1}"#,
+            &p,
+            &held,
+        );
         assert_eq!(error_code(&a), "forbidden");
-        let policy =
-            Policy { prefix: Prefix::new(Some("t1")).unwrap(), ..Policy::default() };
+        let policy = Policy {
+            prefix: Prefix::new(Some("t1")).unwrap(),
+            ..Policy::default()
+        };
         let a = decide(
             r#"{"action":"publish","channel":"fleet/d/commands","data":1}"#,
             &p,
@@ -287,7 +377,11 @@ mod tests {
     #[test]
     fn ping_and_binary() {
         let held = BTreeSet::new();
-        let a = run(r#"{"action":"ping","id":9}"#, &Permissions::allow_all(), &held);
+        let a = run(
+            r#"{"action":"ping","id":9}"#,
+            &Permissions::allow_all(),
+            &held,
+        );
         assert_eq!(a, Action::Reply(Some(r#"{"type":"pong","id":9}"#.into())));
         assert_eq!(error_code(&decide_binary()), "bad_request");
     }

@@ -1,0 +1,263 @@
+//! `bridge serve`: the self-hosted deployment. It wires the parts together
+//! and moves bytes; what a frame means is the core's decision
+//! ([`crate::session`]).
+//!
+//! * [`broker`]: the embedded MQTT broker, when no external one is given;
+//! * [`mqtt`]: the bridge's MQTT session and its broker subscriptions;
+//! * [`retained`]: retained-message replay for `"retained": true`;
+//! * [`hub`]: who holds which filter, and fan-out;
+//! * [`ws`]: one WebSocket connection;
+//! * [`metrics`]: `/metrics`.
+
+pub mod broker;
+pub mod hub;
+pub mod metrics;
+pub mod mqtt;
+pub mod retained;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthSettings, Verifier};
+use crate::channel::Prefix;
+use crate::config::{AuthMode, Broker, Settings};
+use crate::session::Policy;
+
+/// What every connection shares.
+pub struct App {
+    pub link: Arc<mqtt::Link>,
+    pub retained: Arc<retained::Retained>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub verifier: Option<Verifier>,
+    pub policy: Policy,
+    pub outbound_queue: usize,
+    pub publish_rate: f64,
+    pub publish_burst: f64,
+    pub hard_frame_bytes: usize,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl App {
+    pub fn next_conn_id(&self) -> hub::ConnId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("MQTT settings: {0}")]
+    Mqtt(std::io::Error),
+    #[error("auth: {0}")]
+    Auth(String),
+}
+
+fn verifier(settings: &Settings) -> Result<Option<Verifier>, StartError> {
+    let auth = AuthSettings {
+        leeway_secs: settings.jwt_leeway,
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
+    };
+    match &settings.auth {
+        AuthMode::Off => Ok(None),
+        AuthMode::Secret(secret) => Verifier::hs256(secret.as_bytes(), auth)
+            .map(Some)
+            .map_err(|e| StartError::Auth(e.to_string())),
+        AuthMode::Jwks(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::Auth(format!("{}: {e}", path.display())))?;
+            Verifier::from_jwks_json(&text, auth)
+                .map(Some)
+                .map_err(|e| StartError::Auth(format!("{}: {e}", path.display())))
+        }
+    }
+}
+
+/// Runs the bridge until SIGTERM or Ctrl-C (or `stop`, for embedding).
+pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), StartError> {
+    let verifier = verifier(&settings)?;
+    if let Broker::Embedded(addr) = settings.broker {
+        broker::start(
+            addr,
+            settings
+                .hard_frame_bytes
+                .max(settings.limits.max_payload_bytes)
+                + 1024,
+        )?;
+        tracing::info!(%addr, "embedded MQTT broker listening (devices connect here)");
+    }
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: settings.listen,
+        source,
+    })?;
+    if verifier.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            %local,
+            "auth is off and the bridge listens beyond loopback: anyone who can reach it may \
+             subscribe and publish to every channel (set BRIDGE_JWT_SECRET or --jwks)"
+        );
+    }
+
+    let prefix =
+        Prefix::new(settings.prefix.as_deref()).map_err(|e| StartError::Auth(e.to_string()))?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let hub = Arc::new(hub::Hub::new(
+        prefix.clone(),
+        settings.limits.max_payload_bytes,
+        metrics.clone(),
+    ));
+    let opts =
+        mqtt::mqtt_options(&settings, &settings.client_id, false).map_err(StartError::Mqtt)?;
+    let (link, eventloop) = mqtt::Link::new(opts, hub.clone(), metrics.clone());
+    let fetch_id = format!("{}-r", settings.client_id);
+    let opts = mqtt::mqtt_options(&settings, &fetch_id, true).map_err(StartError::Mqtt)?;
+    let (fetcher, fetch_loop) = retained::Retained::new(opts);
+    let (stop_mqtt, stop_rx) = watch::channel(false);
+    let link_task = tokio::spawn(mqtt::run(link.clone(), eventloop, stop_rx.clone()));
+    if let Broker::Embedded(addr) = settings.broker {
+        // Ready when our own link gets in.
+        let mut up = link.watch_up();
+        if tokio::time::timeout(Duration::from_secs(10), up.wait_for(|up| *up))
+            .await
+            .is_err()
+        {
+            return Err(StartError::Broker(broker::BrokerError::NotReady { addr }));
+        }
+    }
+    let fetch_task = tokio::spawn(retained::run(fetcher.clone(), fetch_loop, stop_rx));
+
+    let app = Arc::new(App {
+        link: link.clone(),
+        retained: fetcher,
+        metrics,
+        verifier,
+        policy: Policy {
+            prefix,
+            reserved: settings.reserved.clone(),
+            limits: settings.limits,
+            max_subscriptions: settings.max_subscriptions,
+        },
+        outbound_queue: settings.outbound_queue,
+        publish_rate: settings.publish_rate,
+        publish_burst: settings.publish_burst,
+        hard_frame_bytes: settings.hard_frame_bytes,
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        next_id: AtomicU64::new(1),
+    });
+    let router = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .with_state(app.clone());
+
+    match &settings.broker {
+        Broker::Embedded(addr) => {
+            tracing::info!(mqtt = %format!("mqtt://{addr}"), "MQTT side: embedded broker")
+        }
+        Broker::External { host, port, tls } => {
+            let scheme = if *tls { "mqtts" } else { "mqtt" };
+            tracing::info!(mqtt = %format!("{scheme}://{host}:{port}"), "MQTT side: external broker");
+        }
+    }
+    tracing::info!(
+        auth = app.verifier.is_some(),
+        "listening on ws://{local}/ws"
+    );
+    // A line scripts can wait for.
+    println!("bridge listening on ws://{local}/ws");
+
+    let shutdown = app.shutdown.clone();
+    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = signal() => {}
+        }
+        tracing::info!("shutting down: closing WebSocket connections and the MQTT session");
+        shutdown.cancel();
+    });
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+    app.tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), app.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within 5 s");
+    }
+    link.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), link_task).await;
+    let _ = stop_mqtt.send(true);
+    let _ = fetch_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.link.is_up() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "MQTT broker not connected\n",
+        )
+    }
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+}
