@@ -1,0 +1,1 @@
+//! The AWS deployment (issue 3): placeholder.
