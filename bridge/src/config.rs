@@ -406,6 +406,11 @@ impl Settings {
             crate::channel::validate_filter(r)
                 .map_err(|e| ConfigError::Invalid(format!("reserved channel {r:?}: {e}")))?;
         }
+        if matches!(broker, Broker::Embedded(_)) && !reserved.is_empty() {
+            return Err(ConfigError::Invalid(
+                "the embedded broker does not support reserved ($) topics; use --mqtt-url with a broker that does".into(),
+            ));
+        }
         let prefix = args.topic_prefix.clone().or(file.channels.prefix);
         crate::channel::Prefix::new(prefix.as_deref())
             .map_err(|e| ConfigError::Invalid(format!("topic prefix: {e}")))?;
