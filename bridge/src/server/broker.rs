@@ -52,9 +52,10 @@ fn config(addr: SocketAddr, max_payload: usize) -> Config {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 1_000,
-            // Messages are kept per filter in memory segments: bound them.
-            max_segment_size: 4 * 1024 * 1024,
-            max_segment_count: 4,
+            // rumqttd keeps recent messages per filter in memory segments
+            // (a segment may overflow by one message): about 1 MiB a filter.
+            max_segment_size: 256 * 1024,
+            max_segment_count: 3,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
