@@ -40,6 +40,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRIDGE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
+    /// PEM certificate chain for wss:// on the listener (with --tls-key); without it the
+    /// listener speaks ws:// (terminate TLS in front of it).
+    #[arg(long, env = "BRIDGE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BRIDGE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// External MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT (TLS). Without it the
     /// bridge runs an embedded broker.
     #[arg(long, env = "BRIDGE_MQTT_URL", value_name = "URL")]
@@ -146,6 +155,8 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     #[serde(default)]
     pub mqtt: MqttFile,
@@ -231,6 +242,8 @@ impl std::fmt::Debug for AuthMode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// wss:// certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub broker: Broker,
     pub client_id: String,
     pub username: Option<String>,
@@ -426,8 +439,21 @@ impl Settings {
                 "--mqtt-cert and --mqtt-key go together".into(),
             ));
         }
+        let tls = match (
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key go together".into(),
+                ))
+            }
+        };
         Ok(Settings {
             listen,
+            tls,
             broker,
             client_id,
             username: args.mqtt_username.clone().or(file.mqtt.username),

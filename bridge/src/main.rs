@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Run the bridge: a WebSocket server at /ws in front of an MQTT broker
     /// (an embedded one unless --mqtt-url is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Subscribe to CHANNEL and print each message as a JSON line (token: BRIDGE_TOKEN).
     Sub {
         /// The bridge's WebSocket URL, e.g. ws://127.0.0.1:8080/ws
@@ -62,12 +62,12 @@ enum Encoding {
     Base64,
 }
 
+/// Logs go to stderr. The embedded broker (rumqttd) logs ordinary client
+/// disconnects as errors, so it is silent unless RUST_LOG names it
+/// (e.g. `RUST_LOG=info,rumqttd=warn`).
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn",
-        )
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

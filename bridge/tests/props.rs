@@ -12,22 +12,40 @@ const LEVELS: [&str; 4] = ["a", "b", "$s", ""];
 const MAX_DEPTH: usize = 4;
 
 fn level() -> impl Strategy<Value = String> {
-    prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("$s".to_string()), Just(String::new())]
+    prop_oneof![
+        Just("a".to_string()),
+        Just("b".to_string()),
+        Just("$s".to_string()),
+        Just(String::new())
+    ]
 }
 
 fn topic() -> impl Strategy<Value = String> {
-    prop::collection::vec(level(), 1..=MAX_DEPTH).prop_map(|l| l.join("/")).prop_filter("non-empty", |t| !t.is_empty())
+    prop::collection::vec(level(), 1..=MAX_DEPTH)
+        .prop_map(|l| l.join("/"))
+        .prop_filter("non-empty", |t| !t.is_empty())
 }
 
 /// Two filters made from one topic, so they always overlap.
 fn overlapping_pair() -> impl Strategy<Value = (String, String)> {
-    let mask = || (prop::collection::vec(any::<bool>(), MAX_DEPTH), prop::option::of(0..MAX_DEPTH));
+    let mask = || {
+        (
+            prop::collection::vec(any::<bool>(), MAX_DEPTH),
+            prop::option::of(0..MAX_DEPTH),
+        )
+    };
     (topic(), mask(), mask()).prop_map(|(t, ma, mb)| {
         let make = |(wild, cut): (Vec<bool>, Option<usize>)| {
             let mut levels: Vec<String> = t
                 .split('/')
                 .zip(wild)
-                .map(|(l, w)| if w && !l.starts_with('$') { "+".to_string() } else { l.to_string() })
+                .map(|(l, w)| {
+                    if w && !l.starts_with('$') {
+                        "+".to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
                 .collect();
             // A `$` first level must stay literal to match the topic.
             let first = usize::from(t.starts_with('$'));
@@ -43,16 +61,17 @@ fn overlapping_pair() -> impl Strategy<Value = (String, String)> {
 
 fn filter() -> impl Strategy<Value = String> {
     let lvl = prop_oneof![3 => level(), 2 => Just("+".to_string())];
-    (prop::collection::vec(lvl, 1..=MAX_DEPTH), any::<bool>()).prop_map(|(mut l, hash)| {
-        if hash {
-            if l.len() == MAX_DEPTH {
-                l.pop();
+    (prop::collection::vec(lvl, 1..=MAX_DEPTH), any::<bool>())
+        .prop_map(|(mut l, hash)| {
+            if hash {
+                if l.len() == MAX_DEPTH {
+                    l.pop();
+                }
+                l.push("#".into());
             }
-            l.push("#".into());
-        }
-        l.join("/")
-    })
-    .prop_filter("non-empty", |f| !f.is_empty())
+            l.join("/")
+        })
+        .prop_filter("non-empty", |f| !f.is_empty())
 }
 
 /// Every topic of up to MAX_DEPTH + 1 levels over the alphabet.

@@ -227,7 +227,10 @@ impl Bridge {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("bridge listening on ws://") {
+                if let Some(rest) = line.strip_prefix("bridge listening on ") {
+                    let rest = rest
+                        .trim_start_matches("ws://")
+                        .trim_start_matches("wss://");
                     let _ = tx.send(rest.trim_end_matches("/ws").to_string());
                 }
             }

@@ -96,7 +96,7 @@ async fn json_logs() {
 async fn sub_and_pub_commands() {
     let s = Setup::new(Backend::Embedded);
     let url = s.bridge.ws_url();
-    let mut sub = Command::new(bridge_bin())
+    let sub = Command::new(bridge_bin())
         .args(["sub", &url, "cmd/+", "--count", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

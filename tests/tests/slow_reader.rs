@@ -48,7 +48,7 @@ both_backends!(slow_reader_hurts_only_itself, |s: Setup| async move {
     fast.subscribe("burst/+").await;
     let rss_before = s.bridge.rss_kib();
 
-    let mut dev = s.device("burst").await;
+    let dev = s.device("burst").await;
     let filler = "x".repeat(PAYLOAD);
     let reader = tokio::spawn(async move {
         for i in 0..BURST {

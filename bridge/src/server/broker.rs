@@ -6,10 +6,11 @@
 //!
 //! rumqttd binds inside its own thread and reports nothing back, so the port
 //! is checked first (a port in use is a clear error that suggests
-//! `--mqtt-url`); the server then waits for its own MQTT link to connect.
+//! `--mqtt-url`), then readiness is probed by connecting.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
@@ -65,7 +66,7 @@ fn config(addr: SocketAddr, max_payload: usize) -> Config {
     }
 }
 
-/// Starts the broker on `addr` in its own thread.
+/// Starts the broker on `addr` in its own thread and waits until it listens.
 pub fn start(addr: SocketAddr, max_payload: usize) -> Result<(), BrokerError> {
     match TcpListener::bind(addr) {
         Ok(probe) => drop(probe),
@@ -84,5 +85,13 @@ pub fn start(addr: SocketAddr, max_payload: usize) -> Result<(), BrokerError> {
             }
         })
         .map_err(|source| BrokerError::Bind { addr, source })?;
+    // Wait until it accepts connections, so the bridge's first connect works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        if Instant::now() > deadline {
+            return Err(BrokerError::NotReady { addr });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(())
 }

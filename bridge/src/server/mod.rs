@@ -7,13 +7,14 @@
 //! * [`retained`]: retained-message replay for `"retained": true`;
 //! * [`hub`]: who holds which filter, and fan-out;
 //! * [`ws`]: one WebSocket connection;
-//! * [`metrics`]: `/metrics`.
+//! * [`metrics`]: the counters behind `GET /metrics`.
 
 pub mod broker;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
 pub mod retained;
+pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -71,6 +72,8 @@ pub enum StartError {
     Mqtt(std::io::Error),
     #[error("auth: {0}")]
     Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 fn verifier(settings: &Settings) -> Result<Option<Verifier>, StartError> {
@@ -107,6 +110,10 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
         )?;
         tracing::info!(%addr, "embedded MQTT broker listening (devices connect here)");
     }
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key).map_err(StartError::Tls)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -187,23 +194,46 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
             tracing::info!(mqtt = %format!("{scheme}://{host}:{port}"), "MQTT side: external broker");
         }
     }
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     tracing::info!(
         auth = app.verifier.is_some(),
-        "listening on ws://{local}/ws"
+        "listening on {scheme}://{local}/ws"
     );
     // A line scripts can wait for.
-    println!("bridge listening on ws://{local}/ws");
+    println!("bridge listening on {scheme}://{local}/ws");
 
     let shutdown = app.shutdown.clone();
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let stopped = async move {
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = signal() => {}
         }
         tracing::info!("shutting down: closing WebSocket connections and the MQTT session");
         shutdown.cancel();
-    });
-    if let Err(e) = serve.await {
+    };
+    let served = match tls {
+        Some(config) => {
+            let listener =
+                tls::TlsListener::new(listener, config).map_err(|source| StartError::Listen {
+                    addr: local,
+                    source,
+                })?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        None => {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                // Frames are small and latency matters: no Nagle delay.
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "HTTP server failed");
     }
     app.tracker.close();

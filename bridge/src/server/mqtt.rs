@@ -384,13 +384,11 @@ impl Link {
 
     fn on_event(&self, event: Event) {
         match event {
-            Event::Incoming(Incoming::Publish(p)) => {
-                // Retained copies sent because of a (re)subscription are not
-                // live messages; retained replay is the fetcher's job.
-                if !p.retain {
-                    self.metrics.mqtt_messages_in.inc();
-                    self.hub.deliver(&p.topic, &p.payload, Instant::now());
-                }
+            // Retained copies sent because of a (re)subscription are not live
+            // messages; retained replay is the fetcher's job.
+            Event::Incoming(Incoming::Publish(p)) if !p.retain => {
+                self.metrics.mqtt_messages_in.inc();
+                self.hub.deliver(&p.topic, &p.payload, Instant::now());
             }
             Event::Incoming(Incoming::ConnAck(ack)) => self.on_connack(ack.session_present),
             Event::Incoming(Incoming::PubAck(ack)) => {
@@ -456,7 +454,7 @@ impl Link {
         self.metrics.broker_up.set(0);
         if was_up {
             tracing::warn!(%error, "MQTT connection lost; reconnecting");
-        } else if attempt == 1 || attempt % 30 == 0 {
+        } else if attempt == 1 || attempt.is_multiple_of(30) {
             tracing::warn!(%error, attempt, "cannot connect to the MQTT broker; retrying");
         } else {
             tracing::debug!(%error, attempt, "MQTT connect failed");

@@ -134,8 +134,9 @@ async fn connection(mut socket: WebSocket, app: Arc<App>, perms: Permissions) {
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     let closing = loop {
+        // Unbiased: a busy queue must not starve the client's requests, nor
+        // a chatty client its deliveries.
         tokio::select! {
-            biased;
             _ = app.shutdown.cancelled() => break Closing::Close(1001, "server shutting down"),
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 if let Some(reply) = reply {
