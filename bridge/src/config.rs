@@ -522,6 +522,22 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let path = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../bridge.example.toml"
+        ));
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&args, None, None).unwrap();
+        assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(s.outbound_queue, 1024);
+        assert_eq!(s.auth, AuthMode::Off);
+    }
+
+    #[test]
     fn precedence() {
         let dir = std::env::temp_dir().join(format!("bridge-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

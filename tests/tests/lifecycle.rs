@@ -182,3 +182,21 @@ async fn client_token_from_the_environment() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offered_subprotocol_is_echoed() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let s = Setup::new(Backend::Embedded);
+    let mut req = s.bridge.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "channels.v1, other".parse().unwrap(),
+    );
+    let (_ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("handshake");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "channels.v1"
+    );
+}

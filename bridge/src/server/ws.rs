@@ -47,7 +47,7 @@ type Pending = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
 /// `GET /ws`: checks the token, then upgrades.
 pub async fn upgrade(
-    ws: WebSocketUpgrade,
+    mut ws: WebSocketUpgrade,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     State(app): State<Arc<App>>,
@@ -74,6 +74,12 @@ pub async fn upgrade(
             }
         }
     };
+    // A browser that offers subprotocols fails the handshake unless one is
+    // selected: take the first, as the AWS deployment does.
+    let first = ws.requested_protocols().next().cloned();
+    if let Some(first) = first {
+        ws.set_selected_protocol(first);
+    }
     let hard = app.hard_frame_bytes;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
