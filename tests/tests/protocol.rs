@@ -523,3 +523,36 @@ both_backends!(connection_survives_every_error, |s: Setup| async move {
         Some(Frame::Close(code)) => panic!("closed with {code:?}"),
     }
 });
+
+/// `internal`: a bug is contained to its connection, logged with the same
+/// reference the client gets. Debug builds have a fault-injection switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_error_is_contained_and_correlated() {
+    let s = Setup::with(
+        tests::Backend::Embedded,
+        Opts::default().env("BRIDGE_FAULT_INJECTION", "1"),
+    );
+    let mut other = s.client().await;
+    other.subscribe("still/here").await;
+    let mut c = s.client().await;
+    let reply = c
+        .request(json!({"action":"publish","channel":"fault-injection/panic","data":1}))
+        .await;
+    assert_eq!(reply["code"], "internal", "{reply}");
+    let message = reply["message"].as_str().unwrap();
+    let reference = message
+        .split("reference ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')');
+    assert_eq!(c.expect_close().await, Some(1011));
+    assert!(
+        s.bridge.logs().contains(reference),
+        "the log has no {reference}:\n{}",
+        s.bridge.logs()
+    );
+    // Everyone else carries on.
+    let mut dev = s.device("d").await;
+    dev.publish("still/here", "1", 1, false).await;
+    assert_eq!(other.next_message().await["data"], 1);
+}

@@ -49,6 +49,10 @@ pub struct App {
     pub hard_frame_bytes: usize,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Debug builds with BRIDGE_FAULT_INJECTION set: publishing to
+    /// `fault-injection/panic` panics (tests the `internal` error path).
+    #[cfg(debug_assertions)]
+    pub fault_injection: bool,
     next_id: AtomicU64,
 }
 
@@ -177,6 +181,8 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
         hard_frame_bytes: settings.hard_frame_bytes,
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        #[cfg(debug_assertions)]
+        fault_injection: std::env::var_os("BRIDGE_FAULT_INJECTION").is_some(),
         next_id: AtomicU64::new(1),
     });
     let router = Router::new()

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::frame::{self, ErrorCode, FrameError, Id};
@@ -162,14 +163,13 @@ async fn connection(mut socket: WebSocket, app: Arc<App>, perms: Permissions) {
                     None | Some(Ok(Message::Close(_))) => break Closing::Gone,
                     Some(Err(e)) => break closing_for(e),
                     Some(Ok(Message::Text(text))) => {
-                        let action = session::decide(&text, &s.perms, &s.held, &s.app.policy);
-                        if s.carry_out(action, &mut socket, &mut pending).await.is_err() {
-                            break Closing::Gone;
+                        if let Some(closing) = s.handle(Some(&text), &mut socket, &mut pending).await {
+                            break closing;
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        if s.carry_out(session::decide_binary(), &mut socket, &mut pending).await.is_err() {
-                            break Closing::Gone;
+                        if let Some(closing) = s.handle(None, &mut socket, &mut pending).await {
+                            break closing;
                         }
                     }
                     Some(Ok(_)) => {} // ping / pong: tungstenite answers pings itself
@@ -263,6 +263,43 @@ async fn write_queued(
 }
 
 impl Session {
+    /// Decides and carries out one frame (`None`: a binary frame). A bug
+    /// (a panic) is contained to this connection: it is logged with a
+    /// reference, the client gets an `internal` error with the same
+    /// reference, and the connection is closed (its state may be off).
+    async fn handle(
+        &mut self,
+        text: Option<&str>,
+        socket: &mut WebSocket,
+        pending: &mut FuturesUnordered<Pending>,
+    ) -> Option<Closing> {
+        let outcome = AssertUnwindSafe(async {
+            let action = match text {
+                Some(text) => session::decide(text, &self.perms, &self.held, &self.app.policy),
+                None => session::decide_binary(),
+            };
+            self.carry_out(action, socket, pending).await
+        })
+        .catch_unwind()
+        .await;
+        match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(Closing::Gone),
+            Err(_) => {
+                let reference = format!("c{}-{}", self.conn.id, self.app.next_conn_id());
+                tracing::error!(reference, "bug: panic while handling a frame");
+                let id = text.and_then(frame::peek_id);
+                let e = FrameError::new(
+                    id,
+                    ErrorCode::Internal,
+                    format!("internal error (reference {reference})"),
+                );
+                let _ = self.refuse(socket, e).await;
+                Some(Closing::Close(1011, "internal error"))
+            }
+        }
+    }
+
     async fn send(&self, socket: &mut WebSocket, text: String) -> Result<(), axum::Error> {
         socket.send(Message::Text(text.into())).await
     }
@@ -278,6 +315,13 @@ impl Session {
         socket: &mut WebSocket,
         pending: &mut FuturesUnordered<Pending>,
     ) -> Result<(), axum::Error> {
+        // Debug builds only, for the test of the `internal` error path.
+        #[cfg(debug_assertions)]
+        if self.app.fault_injection {
+            if let Action::Publish { channel, .. } = &action {
+                assert!(channel != "fault-injection/panic", "fault injection");
+            }
+        }
         let ack = action.ack();
         match action {
             Action::Reply(None) => Ok(()),
