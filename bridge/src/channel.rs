@@ -1,7 +1,7 @@
 //! Channels: the rules for channel names (MQTT topics) and filters, and the
 //! three relations everything else is built on.
 //!
-//! * [`matches`]: does a filter match a topic (MQTT 3.1.1 §4.7, including the
+//! * [`matches()`]: does a filter match a topic (MQTT 3.1.1 §4.7, including the
 //!   rule that a wildcard in the first level never matches a `$` topic);
 //! * [`covers`]: does filter `a` match every topic filter `b` can match (the
 //!   permission rule: `fleet/+/telemetry` allows `fleet/dev-1/telemetry`, not

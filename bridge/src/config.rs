@@ -59,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, env = "BRIDGE_EMBEDDED_BROKER", value_name = "ADDR")]
     pub embedded_broker: Option<SocketAddr>,
 
-    /// MQTT client id of the bridge (unique per node) [default: bridge-<random>].
+    /// MQTT client id of the bridge (unique per node) (default: `bridge-<random>`).
     #[arg(long, env = "BRIDGE_MQTT_CLIENT_ID", value_name = "ID")]
     pub mqtt_client_id: Option<String>,
 

@@ -490,6 +490,21 @@ impl Client {
         }
     }
 
+    /// The next text frame as is (no JSON parsing, for load tests).
+    pub async fn next_text(&mut self) -> String {
+        if let Some(v) = self.backlog.pop_front() {
+            return v.to_string();
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
     /// The next JSON frame; panics after WAIT.
     pub async fn next_json(&mut self) -> Value {
         match self.next_within(WAIT).await {

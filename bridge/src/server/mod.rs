@@ -151,18 +151,26 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let opts = mqtt::mqtt_options(&settings, &fetch_id, true).map_err(StartError::Mqtt)?;
     let (fetcher, fetch_loop) = retained::Retained::new(opts);
     let (stop_mqtt, stop_rx) = watch::channel(false);
-    let link_task = tokio::spawn(mqtt::run(link.clone(), eventloop, stop_rx.clone()));
-    if let Broker::Embedded(addr) = settings.broker {
-        // Ready when our own link gets in.
-        let mut up = link.watch_up();
-        if tokio::time::timeout(Duration::from_secs(10), up.wait_for(|up| *up))
-            .await
-            .is_err()
-        {
-            return Err(StartError::Broker(broker::BrokerError::NotReady { addr }));
+    let link_task = tokio::spawn(mqtt::drive(link.clone(), eventloop, stop_rx.clone()));
+    let fetch_task = tokio::spawn(mqtt::drive(fetcher.clone(), fetch_loop, stop_rx));
+    // Clients connecting right at start-up should find the broker connected:
+    // wait for the first CONNACK (the embedded broker must come up; an
+    // external one may be down, then the bridge starts anyway, /healthz 503).
+    let mut up = link.watch_up();
+    let first_connect = tokio::time::timeout(Duration::from_secs(5), up.wait_for(|up| *up)).await;
+    match (&settings.broker, first_connect) {
+        (_, Ok(_)) => {}
+        (Broker::Embedded(addr), Err(_)) => {
+            return Err(StartError::Broker(broker::BrokerError::NotReady {
+                addr: *addr,
+            }))
+        }
+        (Broker::External { .. }, Err(_)) => {
+            tracing::warn!(
+                "the MQTT broker is not reachable yet; serving anyway (requests get `unavailable`)"
+            )
         }
     }
-    let fetch_task = tokio::spawn(retained::run(fetcher.clone(), fetch_loop, stop_rx));
 
     let app = Arc::new(App {
         link: link.clone(),

@@ -13,11 +13,11 @@
 //! rumqttc does not say which request a packet id belongs to, so requests are
 //! matched to ids by order: rumqttc handles requests in the order they were
 //! queued and reports each with an `Outgoing` event carrying its id
-//! ([`Correlator`]). On a lost connection it keeps the unsent ones for the next
+//! (`Correlator`). On a lost connection it keeps the unsent ones for the next
 //! session and drops them if the broker has no session for us; the
 //! correlator mirrors exactly that.
 //!
-//! The event loop is polled in its own task ([`run`]); incoming messages go
+//! The event loop is polled in its own task ([`drive`]); incoming messages go
 //! straight to [`Hub::deliver`], which never blocks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -239,7 +239,7 @@ fn system_ca_bundle() -> Option<Vec<u8>> {
 }
 
 impl Link {
-    /// Creates the link; [`run`] must then poll the event loop.
+    /// Creates the link; [`drive`] must then poll the event loop.
     pub fn new(opts: MqttOptions, hub: Arc<Hub>, metrics: Arc<Metrics>) -> (Arc<Link>, EventLoop) {
         let (client, eventloop) = AsyncClient::new(opts, 4096);
         let (up, _) = watch::channel(false);
@@ -703,9 +703,29 @@ impl Link {
     }
 }
 
-/// Polls the event loop until `stop` fires, reconnecting with capped
-/// exponential backoff.
-pub async fn run(link: Arc<Link>, mut eventloop: EventLoop, mut stop: watch::Receiver<bool>) {
+/// What an MQTT connection's events go to (the link, the retained fetcher).
+pub trait Events: Send + Sync + 'static {
+    fn on_event(&self, event: Event);
+    /// The connection failed (`attempt` counts failures since the last CONNACK).
+    fn on_error(&self, eventloop: &EventLoop, error: &ConnectionError, attempt: u32);
+}
+
+impl Events for Link {
+    fn on_event(&self, event: Event) {
+        Link::on_event(self, event);
+    }
+    fn on_error(&self, eventloop: &EventLoop, error: &ConnectionError, attempt: u32) {
+        Link::on_error(self, eventloop, error, attempt);
+    }
+}
+
+/// Polls an event loop until `stop` fires or the session says goodbye,
+/// reconnecting with capped exponential backoff (100 ms to 10 s, jittered).
+pub async fn drive<E: Events>(
+    events: Arc<E>,
+    mut eventloop: EventLoop,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
@@ -720,14 +740,14 @@ pub async fn run(link: Arc<Link>, mut eventloop: EventLoop, mut stop: watch::Rec
                     attempt = 0;
                 }
                 let disconnect = matches!(event, Event::Outgoing(Outgoing::Disconnect));
-                link.on_event(event);
+                events.on_event(event);
                 if disconnect {
                     break;
                 }
             }
             Err(error) => {
                 attempt += 1;
-                link.on_error(&eventloop, &error, attempt);
+                events.on_error(&eventloop, &error, attempt);
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos());

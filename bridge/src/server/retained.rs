@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, SubscribeReasonCode};
-use tokio::sync::{mpsc, oneshot, watch};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, QoS, SubscribeReasonCode,
+};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::channel;
-use crate::server::mqtt::LinkError;
+use crate::server::mqtt::{Events, LinkError};
 
 /// Quiet time after which the retained messages are taken to be complete.
 const QUIET: Duration = Duration::from_millis(100);
@@ -57,6 +59,13 @@ impl Retained {
     /// (topic, payload), one per topic.
     pub async fn fetch(&self, filter: &str) -> Result<Vec<(String, Bytes)>, LinkError> {
         let _turn = self.one_at_a_time.lock().await;
+        // Right after start-up or a reconnect, give the connection a moment.
+        for _ in 0..50 {
+            if self.state.lock().connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (sub_tx, sub_rx) = oneshot::channel();
         let (found_tx, mut found_rx) = mpsc::unbounded_channel();
         {
@@ -149,34 +158,12 @@ impl Retained {
     }
 }
 
-/// Polls the fetcher's event loop until `stop` fires.
-pub async fn run(
-    fetcher: Arc<Retained>,
-    mut eventloop: EventLoop,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let polled = tokio::select! {
-            polled = eventloop.poll() => polled,
-            _ = stop.changed() => break,
-        };
-        match polled {
-            Ok(event) => {
-                if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
-                    backoff = Duration::from_millis(100);
-                }
-                fetcher.on_event(event);
-            }
-            Err(error) => {
-                fetcher.state.lock().connected = false;
-                tracing::debug!(%error, "retained fetcher: MQTT connection failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
+impl Events for Retained {
+    fn on_event(&self, event: Event) {
+        Retained::on_event(self, event);
+    }
+    fn on_error(&self, _: &EventLoop, error: &ConnectionError, _: u32) {
+        self.state.lock().connected = false;
+        tracing::debug!(%error, "retained fetcher: MQTT connection failed");
     }
 }

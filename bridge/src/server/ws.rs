@@ -246,8 +246,9 @@ async fn write_queued(
             next = rx.try_recv().ok();
         }
     }
-    socket.flush().await?;
+    // Counted before the flush, so a client that has read a frame can see it counted.
     metrics.deliveries.inc_by(sent.len() as u64);
+    socket.flush().await?;
     for at in sent {
         metrics.latency.observe(at.elapsed().as_secs_f64());
     }
