@@ -63,11 +63,13 @@ enum Encoding {
 }
 
 /// Logs go to stderr. The embedded broker (rumqttd) logs ordinary client
-/// disconnects as errors, so it is silent unless RUST_LOG names it
-/// (e.g. `RUST_LOG=info,rumqttd=warn`).
+/// disconnects as errors, so it is silent unless RUST_LOG names it (e.g.
+/// `RUST_LOG=info,rumqttd=warn`), but for its warnings that a subscriber fell
+/// so far behind that messages were skipped.
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

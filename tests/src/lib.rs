@@ -204,8 +204,10 @@ impl Bridge {
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(&opts.args);
-        cmd.env_remove("BRIDGE_JWT_SECRET")
-            .env("RUST_LOG", "info,rumqttd=off,rumqttc=warn");
+        cmd.env_remove("BRIDGE_JWT_SECRET").env(
+            "RUST_LOG",
+            "info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn",
+        );
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }

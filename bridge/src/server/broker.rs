@@ -53,10 +53,12 @@ fn config(addr: SocketAddr, max_payload: usize) -> Config {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 1_000,
-            // rumqttd keeps recent messages per filter in memory segments
-            // (a segment may overflow by one message): about 1 MiB a filter.
-            max_segment_size: 256 * 1024,
-            max_segment_count: 3,
+            // rumqttd keeps recent messages per filter in memory segments (a
+            // segment may overflow by one message). A subscriber that falls
+            // further behind than this skips ahead (logged by rumqttd's
+            // `segments` module): about 9 MiB of history per busy filter.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 8,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
