@@ -3,7 +3,7 @@
 //!
 //! Run from the repository root (cargo-fuzz needs nightly features;
 //! RUSTC_BOOTSTRAP lets the stable toolchain use them):
-//! `RUSTC_BOOTSTRAP=1 cargo fuzz run frame fuzz/corpus/frame fuzz/seeds/frame -- -max_total_time=300`
+//! `mkdir -p fuzz/corpus/frame && RUSTC_BOOTSTRAP=1 cargo fuzz run frame fuzz/corpus/frame fuzz/seeds/frame -- -max_total_time=300`
 #![no_main]
 
 use std::collections::BTreeSet;
