@@ -48,6 +48,8 @@ impl Encoding {
 pub enum PayloadError {
     NotAString(Encoding),
     InvalidBase64,
+    /// Valid JSON syntax that strict parsers refuse (a number out of range).
+    UnreadableJson,
 }
 
 impl std::fmt::Display for PayloadError {
@@ -57,6 +59,9 @@ impl std::fmt::Display for PayloadError {
                 write!(f, "with encoding \"{}\", data must be a string", e.name())
             }
             PayloadError::InvalidBase64 => write!(f, "data is not valid base64"),
+            PayloadError::UnreadableJson => {
+                write!(f, "data holds a number out of range for JSON parsers")
+            }
         }
     }
 }
@@ -64,7 +69,8 @@ impl std::fmt::Display for PayloadError {
 /// Turns a `publish` frame's `data` (raw JSON text) into payload bytes.
 pub fn encode(data: &RawValue, encoding: Encoding) -> Result<Vec<u8>, PayloadError> {
     match encoding {
-        Encoding::Json => Ok(compact_json(data.get()).into_bytes()),
+        Encoding::Json if is_strict_json(data.get()) => Ok(compact_json(data.get()).into_bytes()),
+        Encoding::Json => Err(PayloadError::UnreadableJson),
         Encoding::Text => serde_json::from_str::<String>(data.get())
             .map(String::into_bytes)
             .map_err(|_| PayloadError::NotAString(encoding)),
@@ -118,11 +124,61 @@ pub enum Data<'a> {
 /// Classifies payload bytes for a `message` frame.
 pub fn decode(payload: &[u8]) -> Data<'_> {
     match std::str::from_utf8(payload) {
-        Ok(text) => match serde_json::from_str::<&RawValue>(text) {
-            Ok(raw) => Data::Json(raw.get()),
-            Err(_) => Data::Text(text),
-        },
+        Ok(text) if is_strict_json(text) => Data::Json(text.trim_matches([' ', '\t', '\n', '\r'])),
+        Ok(text) => Data::Text(text),
         Err(_) => Data::Base64(BASE64.encode(payload)),
+    }
+}
+
+/// Whether `text` is one JSON value that strict parsers read: the grammar,
+/// and every number finite as a double (`1e999` is valid syntax, but
+/// serde_json, Go and others refuse it). Checked without building a value.
+pub fn is_strict_json(text: &str) -> bool {
+    serde_json::from_str::<Strict>(text).is_ok()
+}
+
+/// A JSON value walked with `deserialize_any`, which range-checks numbers.
+struct Strict;
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        while map.next_entry::<Strict, Strict>()?.is_some() {}
+        Ok(Strict)
     }
 }
 
@@ -183,5 +239,13 @@ mod tests {
         assert_eq!(decode(b"hello"), Data::Text("hello"));
         assert_eq!(decode(b""), Data::Text(""));
         assert_eq!(decode(&[0xff, 0x00]), Data::Base64("/wA=".into()));
+        // Valid syntax that strict parsers refuse is text, not JSON.
+        assert_eq!(decode(b"1e999"), Data::Text("1e999"));
+        assert_eq!(decode(b"[1, -1e400]"), Data::Text("[1, -1e400]"));
+        assert_eq!(
+            decode(b"123456789012345678901234567890"),
+            Data::Json("123456789012345678901234567890")
+        );
+        assert_eq!(decode(b"{\"a\":1} x"), Data::Text("{\"a\":1} x"));
     }
 }

@@ -70,6 +70,7 @@ both_backends!(bad_requests, |s: Setup| async move {
         r#"{"action":"publish","channel":"a","data":{"x":1},"encoding":"text"}"#,
         r#"{"action":"publish","channel":"a","data":12,"encoding":"base64"}"#,
         r#"{"action":"publish","channel":"a","data":"not base64!","encoding":"base64"}"#,
+        r#"{"action":"publish","channel":"a","data":[1e999]}"#,
         r#"{"action":"ping","id":1.5}"#,
         r#"{"action":"ping","id":null}"#,
         r#"{"action":"ping","id":true}"#,
@@ -406,6 +407,11 @@ both_backends!(message_encodings, |s: Setup| async move {
         (
             b"".to_vec(),
             json!({"type":"message","channel":"m/x","data":"","encoding":"text"}),
+        ),
+        // Valid JSON syntax that strict parsers refuse travels as text.
+        (
+            b"1e999".to_vec(),
+            json!({"type":"message","channel":"m/x","data":"1e999","encoding":"text"}),
         ),
         (
             vec![0xff, 0x00, 0x10],
