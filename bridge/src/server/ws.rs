@@ -40,8 +40,8 @@ const WRITE_BUFFER: usize = 8 * 1024;
 const MAX_PIPELINED: usize = 64;
 /// Frames written per wake-up before the reader gets a turn.
 const WRITE_BATCH: usize = 64;
-/// A WebSocket ping goes out after this much silence from the client; a
-/// client silent for three of these is gone.
+/// The server pings every connection this often; a client that sent nothing
+/// (not even a pong) for three of these is gone.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
 type Pending = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
