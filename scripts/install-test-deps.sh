@@ -2,7 +2,7 @@
 # Installs what the test suite needs on a Debian/Ubuntu machine (run as root,
 # or with sudo available): Mosquitto and its command-line clients (the
 # reference external broker; tests start their own on free ports), openssl
-# (test keys), and the Python tools for the AWS tests (moto's server for
+# (test keys), Chromium (a real browser runs web/channels.js), and the Python tools for the AWS tests (moto's server for
 # DynamoDB, cfn-lint, checkov in its own venv).
 set -euo pipefail
 
@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients openssl ca-certificates python3-venv >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients openssl ca-certificates python3-venv chromium >/dev/null
 
 # Python tools live in a venv of the repository's own (.venv, git-ignored),
 # so nothing is installed into the system Python.

@@ -195,6 +195,8 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     });
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
+        .route("/", get(demo_page))
+        .route("/channels.js", get(client_library))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .with_state(app.clone());
@@ -283,6 +285,19 @@ async fn signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// The demo dashboard (web/index.html): open it in a browser.
+async fn demo_page() -> impl IntoResponse {
+    axum::response::Html(include_str!("../../../web/index.html"))
+}
+
+/// The browser client library (web/channels.js).
+async fn client_library() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../../web/channels.js"),
+    )
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
