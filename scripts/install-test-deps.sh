@@ -2,8 +2,8 @@
 # Installs what the test suite needs on a Debian/Ubuntu machine (run as root,
 # or with sudo available): Mosquitto and its command-line clients (the
 # reference external broker; tests start their own on free ports), openssl
-# (test keys), Chromium (a real browser runs web/channels.js), and the Python tools for the AWS tests (moto's server for
-# DynamoDB, cfn-lint, checkov in its own venv).
+# (test keys and certificates), Chromium (a real browser runs
+# web/channels.js), and the Python tools for the AWS tests.
 set -euo pipefail
 
 SUDO=""
@@ -13,14 +13,17 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients openssl ca-certificates python3-venv chromium >/dev/null
 
-# Python tools live in a venv of the repository's own (.venv, git-ignored),
-# so nothing is installed into the system Python.
-here="$(cd "$(dirname "$0")/.." && pwd)"
-python3 -m venv "$here/.venv"
-"$here/.venv/bin/pip" install -q --upgrade pip
-"$here/.venv/bin/pip" install -q 'moto[server]==5.*' 'cfn-lint==1.*'
-# checkov pins an older boto3: its own venv.
-python3 -m venv "$here/.venv-checkov"
-"$here/.venv-checkov/bin/pip" install -q 'checkov==3.*'
+# Python tools for the AWS tests: moto's server (DynamoDB) and cfn-lint into
+# the machine's Python (their commands must be on PATH), checkov in a venv of
+# its own (it pins an older boto3). The tests look for checkov at
+# /opt/checkov-venv/bin/checkov unless CHECKOV names another.
+python3 -m pip install -q --disable-pip-version-check 'moto[server]==5.*' 'cfn-lint==1.*'
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+CHECKOV_VENV="${CHECKOV_VENV:-/opt/checkov-venv}"
+$SUDO python3 -m venv "$CHECKOV_VENV"
+$SUDO "$CHECKOV_VENV/bin/pip" install -q --disable-pip-version-check 'checkov==3.*'
 
-echo "test dependencies installed: $(mosquitto -h 2>&1 | head -1)"
+for tool in mosquitto mosquitto_pub openssl chromium moto_server cfn-lint "$CHECKOV_VENV/bin/checkov"; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "missing after install: $tool" >&2; exit 1; }
+done
+echo "test dependencies installed"

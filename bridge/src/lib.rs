@@ -7,8 +7,9 @@
 //! guarantee one copy per connection, [`rate`] the publish rate limit.
 //!
 //! With the `server` feature (default), [`server`] is the self-hosted
-//! `bridge serve`, [`config`] its settings and [`client`] the little
-//! `bridge sub` / `bridge pub` client.
+//! `bridge serve`, [`config`] its settings, [`client`] the little
+//! `bridge sub` / `bridge pub` client and [`smoke`] the end-to-end check of
+//! a deployed AWS stack.
 
 pub mod auth;
 pub mod channel;
@@ -25,3 +26,5 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod smoke;

@@ -53,6 +53,9 @@ enum Command {
         #[arg(long)]
         retain: bool,
     },
+    /// Check a deployed AWS stack end to end: a WebSocket client (token: BRIDGE_TOKEN) and
+    /// an MQTT device (X.509 certificate) exchange messages both ways.
+    Smoke(bridge::smoke::SmokeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
                 ))
                 .map_err(|e| e.to_string())
         }
+        Command::Smoke(args) => runtime.block_on(bridge::smoke::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,42 @@
-//! The AWS deployment (issue 3): placeholder.
+//! The AWS deployment of the channel bridge: three Lambda functions behind an
+//! API Gateway WebSocket API and an AWS IoT Core topic rule.
+//!
+//! * [`handler`]: `ws-handler`, the WebSocket routes (`$connect`,
+//!   `$disconnect`, `$default`);
+//! * [`authorizer`]: `ws-authorizer`, the REQUEST authorizer of `$connect`;
+//! * [`fanout`]: `iot-fanout`, the IoT rule's target that pushes one MQTT
+//!   message to every subscribed connection.
+//!
+//! What a frame means is decided by the core ([`bridge::session`],
+//! [`bridge::frame`], [`bridge::channel`]); these modules only move bytes and
+//! store state: [`store`] (DynamoDB), [`iot`] (IoT Data Plane), [`sender`]
+//! (`@connections`). [`config`] reads the environment once, [`aws`] builds the
+//! SDK clients once per process, [`calls`] counts the requests they make and
+//! [`emf`] reports counts as CloudWatch Embedded Metric Format lines.
+
+pub mod authorizer;
+pub mod aws;
+pub mod calls;
+pub mod config;
+pub mod emf;
+pub mod fanout;
+pub mod handler;
+pub mod iot;
+pub mod sender;
+pub mod store;
+
+/// Seconds since the Unix epoch, the unit of DynamoDB TTL attributes.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

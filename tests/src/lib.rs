@@ -199,6 +199,12 @@ impl Bridge {
         )
     }
 
+    /// Starts a bridge with exactly these options (they say where the broker
+    /// is); `mqtt_port` is where devices connect.
+    pub fn spawn_with(opts: Opts, mqtt_port: u16) -> Bridge {
+        Bridge::spawn(opts, mqtt_port)
+    }
+
     fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
         let mut cmd = Command::new(bridge_bin());
         cmd.arg("serve")
@@ -330,6 +336,39 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// GET /healthz over https, trusting `ca` (a PEM file): (status, body).
+pub async fn https_healthz(bridge: &Bridge, ca: &std::path::Path) -> (u16, String) {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }
 
 /// One broker and one bridge on it.

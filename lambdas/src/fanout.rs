@@ -1,0 +1,254 @@
+//! `iot-fanout`: the IoT topic rule's target. One invocation is one MQTT
+//! message, pushed to every connection holding a filter that matches it.
+//!
+//! The event is what the rule's SQL selects ([`RULE_FIELDS`]):
+//! `{"topic": "...", "payload": "<base64>", "timestamp": <ms>, "id": "<uuid>"}`.
+//!
+//! Finding the connections: the topic's own filter rows, plus the rows of the
+//! wildcard filters in use that match it. Those come from the registry in
+//! [`crate::store`], kept in memory between invocations and re-read only when
+//! its version moved (one consistent `GetItem` per message), so a filter
+//! acked a moment ago is never missed. The match itself is the core's
+//! [`bridge::channel::matches`]. A connection found through several filters
+//! gets one copy.
+//!
+//! Delivery: the `message` frame is built once by the core and shared by all
+//! posts ([`crate::sender`]); connections that answer `410 Gone` have their
+//! rows deleted; a frame over API Gateway's 128 KB (or a payload over the
+//! configured limit) is refused with a logged reason, never truncated. Each
+//! invocation ends with one EMF line: delivered, gone, failed, duration and
+//! the DynamoDB requests it made.
+//!
+//! A failed post does not fail the invocation (the rule invokes
+//! asynchronously and a retry would repeat every successful post); a failed
+//! lookup does, so Lambda retries it and, after that, it lands in the
+//! function's dead-letter queue.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use bridge::channel::{self, Prefix};
+use bridge::frame;
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::calls::Calls;
+use crate::config::{FanoutConfig, MAX_POST_BYTES};
+use crate::sender::{Outcome, Sender};
+use crate::store::{Store, StoreError};
+
+/// The fields the topic rule selects, and this function reads.
+pub const RULE_FIELDS: &[&str] = &["topic", "payload", "timestamp", "id"];
+
+/// Connections cleaned up at once after `410 Gone`.
+const CLEANUP_CONCURRENCY: usize = 16;
+
+/// The rule's output.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RuleEvent {
+    /// The MQTT topic (`topic()`).
+    pub topic: String,
+    /// The payload, base64 (`encode(*, 'base64')`).
+    pub payload: String,
+    /// When IoT Core received it, in ms (`timestamp()`).
+    #[serde(default)]
+    pub timestamp: Option<i64>,
+    /// A fresh id per rule evaluation (`newuuid()`), for the logs.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Why an invocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    #[error("not a topic rule event: {0}")]
+    BadEvent(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one invocation did (also its response, for tests and logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Filters that matched the topic and were looked up.
+    pub filters: usize,
+    /// Distinct connections the message was for.
+    pub recipients: usize,
+    pub delivered: usize,
+    pub gone: usize,
+    pub failed: usize,
+    /// Why the message was not delivered at all, if it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    pub duration_ms: u64,
+    pub dynamodb_requests: u64,
+}
+
+/// Everything `iot-fanout` keeps between invocations.
+#[derive(Debug)]
+pub struct Fanout {
+    config: FanoutConfig,
+    store: Store,
+    sender: Sender,
+    calls: Calls,
+    /// The wildcard registry as last read: (version, filters).
+    registry: tokio::sync::Mutex<Option<(i64, Arc<Vec<String>>)>>,
+}
+
+impl Fanout {
+    pub fn new(config: FanoutConfig, store: Store, sender: Sender, calls: Calls) -> Self {
+        Fanout {
+            config,
+            store,
+            sender,
+            calls,
+            registry: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn prefix(&self) -> &Prefix {
+        &self.config.prefix
+    }
+
+    /// The wildcard filters in use, re-read only when the version moved.
+    async fn wildcards(&self, now: i64) -> Result<Arc<Vec<String>>, StoreError> {
+        let version = self.store.registry_version().await?;
+        let mut cached = self.registry.lock().await;
+        if let Some((v, filters)) = cached.as_ref() {
+            if *v == version {
+                return Ok(filters.clone());
+            }
+        }
+        let (v, filters) = if version == 0 {
+            (0, Vec::new())
+        } else {
+            self.store.wildcards(now).await?
+        };
+        let filters = Arc::new(filters);
+        *cached = Some((v, filters.clone()));
+        Ok(filters)
+    }
+
+    /// One rule event.
+    pub async fn handle(&self, event: serde_json::Value) -> Result<Report, FanoutError> {
+        let started = Instant::now();
+        let dynamodb_before = self.calls.total("DynamoDB");
+        let mut report = Report::default();
+        let result = self.deliver(event, &mut report).await;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        report.dynamodb_requests = self.calls.total("DynamoDB") - dynamodb_before;
+        crate::emf::emit(
+            "iot-fanout",
+            &[
+                ("Delivered", report.delivered as f64, "Count"),
+                ("Gone", report.gone as f64, "Count"),
+                ("Failed", report.failed as f64, "Count"),
+                (
+                    "Refused",
+                    f64::from(u8::from(report.refused.is_some())),
+                    "Count",
+                ),
+                ("Recipients", report.recipients as f64, "Count"),
+                ("Duration", report.duration_ms as f64, "Milliseconds"),
+                ("DynamoDbRequests", report.dynamodb_requests as f64, "Count"),
+            ],
+        );
+        result.map(|()| report)
+    }
+
+    async fn deliver(
+        &self,
+        event: serde_json::Value,
+        report: &mut Report,
+    ) -> Result<(), FanoutError> {
+        let event: RuleEvent =
+            serde_json::from_value(event).map_err(|e| FanoutError::BadEvent(e.to_string()))?;
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(event.payload.as_bytes())
+            .map_err(|e| FanoutError::BadEvent(format!("payload is not base64: {e}")))?;
+        let id = event.id.as_deref().unwrap_or("-");
+        if channel::validate_topic(&event.topic).is_err() {
+            return Err(FanoutError::BadEvent(format!(
+                "{:?} is not an MQTT topic name",
+                event.topic
+            )));
+        }
+        let Some(name) = self.config.prefix.to_channel(&event.topic) else {
+            let reason = format!("topic {:?} is outside the prefix", event.topic);
+            tracing::info!(id, %reason, "not delivered");
+            report.refused = Some(reason);
+            return Ok(());
+        };
+        if payload.len() > self.config.max_payload_bytes {
+            let reason = format!(
+                "payload of {} bytes is over the {}-byte limit",
+                payload.len(),
+                self.config.max_payload_bytes
+            );
+            tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
+            report.refused = Some(reason);
+            return Ok(());
+        }
+        let message = frame::message(name, &payload, false);
+        if message.len() > MAX_POST_BYTES {
+            let reason = format!(
+                "the message frame is {} bytes; API Gateway takes at most {MAX_POST_BYTES}",
+                message.len()
+            );
+            tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
+            report.refused = Some(reason);
+            return Ok(());
+        }
+        let message = Bytes::from(message);
+
+        let now = crate::now_secs();
+        let wildcards = self.wildcards(now).await?;
+        let mut filters = vec![event.topic.clone()];
+        filters.extend(
+            wildcards
+                .iter()
+                .filter(|f| channel::matches(f, &event.topic))
+                .cloned(),
+        );
+        report.filters = filters.len();
+        let lookups = futures_util::future::try_join_all(
+            filters.iter().map(|f| self.store.subscribers(f, now)),
+        )
+        .await?;
+        let recipients: BTreeSet<String> = lookups.into_iter().flatten().collect();
+        report.recipients = recipients.len();
+        if recipients.is_empty() {
+            return Ok(());
+        }
+
+        let outcomes = self
+            .sender
+            .post_all(
+                recipients.into_iter().collect(),
+                message,
+                self.config.concurrency,
+            )
+            .await;
+        let mut gone = Vec::new();
+        for (conn, outcome) in outcomes {
+            match outcome {
+                Outcome::Delivered => report.delivered += 1,
+                Outcome::Gone => gone.push(conn),
+                Outcome::Failed(_) => report.failed += 1,
+            }
+        }
+        report.gone = gone.len();
+        stream::iter(gone)
+            .for_each_concurrent(CLEANUP_CONCURRENCY, |conn| async move {
+                if let Err(e) = self.store.remove_connection(&conn, now).await {
+                    tracing::warn!(connection = %conn, error = %e, "cannot remove a gone connection");
+                }
+            })
+            .await;
+        tracing::debug!(id, topic = %event.topic, ?report, "fan-out done");
+        Ok(())
+    }
+}

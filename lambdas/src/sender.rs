@@ -1,0 +1,113 @@
+//! Delivery to browsers: API Gateway's `@connections` `PostToConnection`.
+//!
+//! A frame is built once and shared by every post (reference-counted bytes,
+//! handed to the SDK without a copy). Posts run concurrently, at most a given
+//! number at once; each one ends on its own: delivered, gone (`410`: the
+//! caller deletes the connection's rows) or failed (logged). Throttled posts
+//! (`429`) are retried with jittered exponential backoff; nothing else is
+//! retried, so a post that may have been delivered is never sent twice.
+
+use std::time::Duration;
+
+use aws_sdk_apigatewaymanagement::error::DisplayErrorContext;
+use aws_sdk_apigatewaymanagement::primitives::Blob;
+use aws_sdk_apigatewaymanagement::Client;
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+
+/// Tries for a throttled post.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// How one post ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// The connection no longer exists (410 Gone).
+    Gone,
+    Failed(String),
+}
+
+/// The `@connections` client.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: Client,
+}
+
+impl Sender {
+    pub fn new(client: Client) -> Self {
+        Sender { client }
+    }
+
+    /// Posts one frame to one connection.
+    pub async fn post(&self, id: &str, frame: Bytes) -> Outcome {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self
+                .client
+                .post_to_connection()
+                .connection_id(id)
+                .data(Blob::from_maybe_shared(frame.clone()))
+                .send()
+                .await;
+            let err = match result {
+                Ok(_) => return Outcome::Delivered,
+                Err(e) => e,
+            };
+            let status = err.raw_response().map(|r| r.status().as_u16());
+            let service = err.as_service_error();
+            if service.is_some_and(|e| e.is_gone_exception()) || status == Some(410) {
+                return Outcome::Gone;
+            }
+            let throttled =
+                service.is_some_and(|e| e.is_limit_exceeded_exception()) || status == Some(429);
+            if throttled && attempt < MAX_ATTEMPTS {
+                tokio::time::sleep(backoff(attempt)).await;
+                continue;
+            }
+            let reason = DisplayErrorContext(&err).to_string();
+            tracing::warn!(connection = id, attempt, error = %reason, "post failed");
+            return Outcome::Failed(reason);
+        }
+    }
+
+    /// Posts one frame to many connections, at most `concurrency` at once.
+    /// Returns each connection's outcome.
+    pub async fn post_all(
+        &self,
+        ids: Vec<String>,
+        frame: Bytes,
+        concurrency: usize,
+    ) -> Vec<(String, Outcome)> {
+        stream::iter(ids)
+            .map(|id| {
+                let frame = frame.clone();
+                async move {
+                    let outcome = self.post(&id, frame).await;
+                    (id, outcome)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await
+    }
+}
+
+/// Full jitter: a random wait up to 25 ms × 2^attempt (at most 800 ms).
+fn backoff(attempt: u32) -> Duration {
+    let cap = 25u64 << attempt.min(5);
+    Duration::from_millis(fastrand::u64(1..=cap.min(800)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_bounded() {
+        for _ in 0..100 {
+            assert!(backoff(1) <= Duration::from_millis(50));
+            assert!(backoff(30) <= Duration::from_millis(800));
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! The subscription store: one DynamoDB table (`pk`, `sk`, TTL attribute
+//! `ttl`), defined once in `infra/template.yaml`.
+//!
+//! | row | `pk` | `sk` | other attributes |
+//! |---|---|---|---|
+//! | a connection | `conn#{id}` | `meta` | `perms` (JSON), `sub`, `n` (filters held), `connected_at` |
+//! | a filter it holds | `conn#{id}` | `sub#{channel}` | `mqtt` (the broker filter) |
+//! | a filter's connection | `filter#{mqtt}` | `{id}` | |
+//! | a wildcard filter in use | `wildcards` | `f#{mqtt}` | `stamp` |
+//! | the registry's version | `wildcards` | `version` | `v` |
+//!
+//! One query reads a connection (its permissions and filters), one query a
+//! filter's connections. The fan-out never scans and never enumerates the
+//! wildcard combinations of a topic: it reads the small registry of wildcard
+//! filters in use (cached, and re-read only when `version` moved), matches the
+//! topic against it in memory with the core's [`bridge::channel::matches`], and
+//! queries just the topic itself and the filters that matched.
+//!
+//! Races: a subscribe is one transaction conditioned on the connection row, so
+//! a subscribe racing a `$disconnect` (which deletes that row first, then the
+//! rest with consistent reads) either lands before the cleanup sees it or
+//! fails, never leaving an orphan. The filter count on the connection row
+//! holds the subscription limit under concurrent frames. A registry row is
+//! written after the filter rows (and the version bumped when the row is new),
+//! and deleted only if no filter row exists and nobody re-registered it
+//! meanwhile (`stamp`).
+//!
+//! Every row carries a TTL (API Gateway closes a connection after 2 hours);
+//! TTL deletion is lazy, so reads ignore rows past their TTL.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, DeleteRequest, ReturnValue, TransactWriteItem, WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+use bridge::permissions::Permissions;
+
+const PK: &str = "pk";
+const SK: &str = "sk";
+const TTL: &str = "ttl";
+const META: &str = "meta";
+const REGISTRY_PK: &str = "wildcards";
+const VERSION_SK: &str = "version";
+/// DynamoDB's batch write limit.
+const BATCH: usize = 25;
+
+/// A store request failed.
+#[derive(Debug, thiserror::Error)]
+#[error("DynamoDB {operation} failed: {message}")]
+pub struct StoreError {
+    pub operation: &'static str,
+    pub message: String,
+}
+
+impl StoreError {
+    fn new(operation: &'static str, e: impl std::error::Error) -> Self {
+        StoreError {
+            operation,
+            message: DisplayErrorContext(e).to_string(),
+        }
+    }
+
+    fn msg(operation: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            operation,
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// What the store knows about one live connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub perms: Permissions,
+    /// Client channel names of the filters held, mapped to broker filters.
+    pub held: BTreeMap<String, String>,
+    /// When its rows expire (seconds since the epoch).
+    pub expires: i64,
+}
+
+impl Connection {
+    /// The held filters in the form [`bridge::session::decide`] takes.
+    pub fn held_set(&self) -> BTreeSet<String> {
+        self.held.keys().cloned().collect()
+    }
+}
+
+/// How a subscribe ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    Added,
+    /// The connection already held the filter (a concurrent frame added it).
+    AlreadyHeld,
+    /// The connection is at its limit (a concurrent frame took the last slot).
+    TooMany,
+    /// The connection is gone (disconnected or expired).
+    Gone,
+}
+
+pub fn conn_pk(id: &str) -> String {
+    format!("conn#{id}")
+}
+
+pub fn filter_pk(mqtt: &str) -> String {
+    format!("filter#{mqtt}")
+}
+
+fn sub_sk(channel: &str) -> String {
+    format!("sub#{channel}")
+}
+
+fn registry_sk(mqtt: &str) -> String {
+    format!("f#{mqtt}")
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: i64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
+    item.get(name)?.as_s().ok().map(String::as_str)
+}
+
+fn get_n(item: &HashMap<String, AttributeValue>, name: &str) -> Option<i64> {
+    item.get(name)?.as_n().ok()?.parse().ok()
+}
+
+/// A row is live until its TTL has passed; a row without one never expires.
+fn live(item: &HashMap<String, AttributeValue>, now: i64) -> bool {
+    get_n(item, TTL).is_none_or(|t| t >= now)
+}
+
+/// Whether a broker filter has wildcards (and so goes in the registry).
+pub fn is_wildcard(mqtt: &str) -> bool {
+    mqtt.split('/').any(|level| level == "+" || level == "#")
+}
+
+/// The DynamoDB table.
+#[derive(Debug, Clone)]
+pub struct Store {
+    client: Client,
+    table: String,
+}
+
+impl Store {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Store {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn key(&self, pk: String, sk: String) -> HashMap<String, AttributeValue> {
+        HashMap::from([(PK.to_string(), s(pk)), (SK.to_string(), s(sk))])
+    }
+
+    // ---- connections ----
+
+    /// Stores a new connection (`$connect`).
+    pub async fn put_connection(
+        &self,
+        id: &str,
+        perms: &Permissions,
+        connected_at_ms: i64,
+        expires: i64,
+    ) -> Result<()> {
+        let perms_json = serde_json::to_string(perms)
+            .map_err(|e| StoreError::msg("PutItem", format!("permissions: {e}")))?;
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(PK, s(conn_pk(id)))
+            .item(SK, s(META))
+            .item("perms", s(perms_json))
+            .item("n", n(0))
+            .item("connected_at", n(connected_at_ms))
+            .item(TTL, n(expires));
+        if let Some(sub) = &perms.subject {
+            put = put.item("sub", s(sub.clone()));
+        }
+        put.send()
+            .await
+            .map_err(|e| StoreError::new("PutItem", e))?;
+        Ok(())
+    }
+
+    /// Reads a connection: its permissions and the filters it holds. `None`
+    /// when it is unknown or expired.
+    pub async fn load_connection(&self, id: &str, now: i64) -> Result<Option<Connection>> {
+        let items = self.query_all(conn_pk(id), None).await?;
+        let Some(meta) = items
+            .iter()
+            .find(|i| get_s(i, SK) == Some(META) && live(i, now))
+        else {
+            return Ok(None);
+        };
+        let perms: Permissions = get_s(meta, "perms")
+            .and_then(|p| serde_json::from_str(p).ok())
+            .ok_or_else(|| {
+                StoreError::msg(
+                    "Query",
+                    format!("connection {id} has unreadable permissions"),
+                )
+            })?;
+        let expires = get_n(meta, TTL).unwrap_or(i64::MAX);
+        let held = items
+            .iter()
+            .filter(|i| live(i, now))
+            .filter_map(|i| {
+                let channel = get_s(i, SK)?.strip_prefix("sub#")?;
+                let mqtt = get_s(i, "mqtt")?;
+                Some((channel.to_string(), mqtt.to_string()))
+            })
+            .collect();
+        Ok(Some(Connection {
+            perms,
+            held,
+            expires,
+        }))
+    }
+
+    /// Every row in a partition, with consistent reads.
+    async fn query_all(
+        &self,
+        pk: String,
+        projection: Option<&str>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>> {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take());
+            if let Some(p) = projection {
+                q = q
+                    .projection_expression(p)
+                    .expression_attribute_names("#ttl", TTL);
+            }
+            let page = q.send().await.map_err(|e| StoreError::new("Query", e))?;
+            out.extend(page.items.unwrap_or_default());
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Deletes every row of a connection (`$disconnect`, or a post answered
+    /// 410 Gone). The connection row goes first, so a racing subscribe fails.
+    /// Returns the number of filters it held.
+    pub async fn remove_connection(&self, id: &str, now: i64) -> Result<usize> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), META.to_string())))
+            .send()
+            .await
+            .map_err(|e| StoreError::new("DeleteItem", e))?;
+        let items = self.query_all(conn_pk(id), None).await?;
+        let mut deletes = Vec::new();
+        let mut wildcards = Vec::new();
+        let mut held = 0;
+        for item in &items {
+            let Some(sk) = get_s(item, SK) else { continue };
+            deletes.push(self.key(conn_pk(id), sk.to_string()));
+            if let Some(mqtt) = get_s(item, "mqtt") {
+                held += 1;
+                deletes.push(self.key(filter_pk(mqtt), id.to_string()));
+                if is_wildcard(mqtt) {
+                    wildcards.push(mqtt.to_string());
+                }
+            }
+        }
+        self.delete_keys(deletes).await?;
+        for mqtt in wildcards {
+            self.release_wildcard(&mqtt, now).await?;
+        }
+        Ok(held)
+    }
+
+    async fn delete_keys(&self, keys: Vec<HashMap<String, AttributeValue>>) -> Result<()> {
+        for chunk in keys.chunks(BATCH) {
+            let mut requests: Vec<WriteRequest> = chunk
+                .iter()
+                .map(|key| {
+                    DeleteRequest::builder()
+                        .set_key(Some(key.clone()))
+                        .build()
+                        .map(|d| WriteRequest::builder().delete_request(d).build())
+                        .map_err(|e| StoreError::new("BatchWriteItem", e))
+                })
+                .collect::<Result<_>>()?;
+            let mut attempt = 0;
+            while !requests.is_empty() {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, requests)
+                    .send()
+                    .await
+                    .map_err(|e| StoreError::new("BatchWriteItem", e))?;
+                requests = out
+                    .unprocessed_items
+                    .and_then(|mut u| u.remove(&self.table))
+                    .unwrap_or_default();
+                attempt += 1;
+                if !requests.is_empty() {
+                    if attempt >= 8 {
+                        return Err(StoreError::msg(
+                            "BatchWriteItem",
+                            format!("{} deletes still unprocessed", requests.len()),
+                        ));
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- subscriptions ----
+
+    /// Adds `channel` (broker filter `mqtt`) to a connection that does not
+    /// hold it yet, within `max` filters.
+    pub async fn subscribe(
+        &self,
+        id: &str,
+        channel: &str,
+        mqtt: &str,
+        expires: i64,
+        max: usize,
+        now: i64,
+    ) -> Result<Subscribed> {
+        let op = "TransactWriteItems";
+        let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::new(op, e);
+        let count = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), META.to_string())))
+            .update_expression("SET #n = #n + :one")
+            .condition_expression("attribute_exists(pk) AND #n < :max AND #ttl >= :now")
+            .expression_attribute_names("#n", "n")
+            .expression_attribute_names("#ttl", TTL)
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":max", n(max as i64))
+            .expression_attribute_values(":now", n(now))
+            .build()
+            .map_err(build)?;
+        let own = aws_sdk_dynamodb::types::Put::builder()
+            .table_name(&self.table)
+            .item(PK, s(conn_pk(id)))
+            .item(SK, s(sub_sk(channel)))
+            .item("mqtt", s(mqtt))
+            .item(TTL, n(expires))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(build)?;
+        let index = aws_sdk_dynamodb::types::Put::builder()
+            .table_name(&self.table)
+            .item(PK, s(filter_pk(mqtt)))
+            .item(SK, s(id))
+            .item(TTL, n(expires))
+            .build()
+            .map_err(build)?;
+        let items = vec![
+            TransactWriteItem::builder().update(count).build(),
+            TransactWriteItem::builder().put(own).build(),
+            TransactWriteItem::builder().put(index).build(),
+        ];
+        let reasons = match self.transact(items).await? {
+            None => return Ok(Subscribed::Added),
+            Some(reasons) => reasons,
+        };
+        let failed =
+            |i: usize| reasons.get(i).map(String::as_str) == Some("ConditionalCheckFailed");
+        let meta = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), META.to_string())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("GetItem", e))?
+            .item;
+        Ok(match meta {
+            Some(m) if live(&m, now) => {
+                if failed(1) {
+                    Subscribed::AlreadyHeld
+                } else {
+                    Subscribed::TooMany
+                }
+            }
+            _ => Subscribed::Gone,
+        })
+    }
+
+    /// Runs a transaction; `Some(reasons)` when it was cancelled by a
+    /// condition (one reason code per item). Conflicts are retried.
+    async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<Option<Vec<String>>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .send()
+                .await;
+            let err = match result {
+                Ok(_) => return Ok(None),
+                Err(e) => e,
+            };
+            let reasons: Option<Vec<String>> = err
+                .as_service_error()
+                .and_then(|se| match se {
+                    aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
+                    _ => None,
+                })
+                .map(|c| {
+                    c.cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code().unwrap_or("None").to_string())
+                        .collect()
+                });
+            match reasons {
+                Some(r) if r.iter().any(|c| c == "TransactionConflict") && attempt < 5 => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Some(r) if r.iter().any(|c| c == "ConditionalCheckFailed") => return Ok(Some(r)),
+                _ => return Err(StoreError::new("TransactWriteItems", err)),
+            }
+        }
+    }
+
+    /// Removes `channel` from a connection. Not holding it (any more) is fine.
+    pub async fn unsubscribe(&self, id: &str, channel: &str, mqtt: &str, now: i64) -> Result<()> {
+        let op = "TransactWriteItems";
+        let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::new(op, e);
+        let own = aws_sdk_dynamodb::types::Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), sub_sk(channel))))
+            .condition_expression("attribute_exists(pk)")
+            .build()
+            .map_err(build)?;
+        let index = aws_sdk_dynamodb::types::Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(filter_pk(mqtt), id.to_string())))
+            .build()
+            .map_err(build)?;
+        let count = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), META.to_string())))
+            .update_expression("SET #n = #n - :one")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#n", "n")
+            .expression_attribute_values(":one", n(1))
+            .build()
+            .map_err(build)?;
+        let items = vec![
+            TransactWriteItem::builder().delete(own).build(),
+            TransactWriteItem::builder().delete(index).build(),
+            TransactWriteItem::builder().update(count).build(),
+        ];
+        // Cancelled means not held (any more) or the connection is gone.
+        self.transact(items).await?;
+        if is_wildcard(mqtt) {
+            self.release_wildcard(mqtt, now).await?;
+        }
+        Ok(())
+    }
+
+    // ---- the wildcard registry ----
+
+    /// Registers a wildcard filter in use, after its filter rows exist. The
+    /// row expires no earlier than any connection subscribing now.
+    pub async fn register_wildcard(&self, mqtt: &str, now: i64, ttl_secs: i64) -> Result<()> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(REGISTRY_PK.into(), registry_sk(mqtt))))
+            .update_expression("SET #ttl = :exp, stamp = :stamp")
+            .expression_attribute_names("#ttl", TTL)
+            .expression_attribute_values(":exp", n(now + ttl_secs))
+            .expression_attribute_values(":stamp", s(fastrand::u64(..).to_string()))
+            .return_values(ReturnValue::UpdatedOld)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("UpdateItem", e))?;
+        let old_ttl = out.attributes.as_ref().and_then(|a| get_n(a, TTL));
+        if old_ttl.is_none_or(|t| t < now) {
+            // New to the registry: make every fan-out cache re-read it.
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(self.key(REGISTRY_PK.into(), VERSION_SK.into())))
+                .update_expression("ADD v :one")
+                .expression_attribute_values(":one", n(1))
+                .send()
+                .await
+                .map_err(|e| StoreError::new("UpdateItem", e))?;
+        }
+        Ok(())
+    }
+
+    /// Drops a wildcard filter from the registry when no connection holds it
+    /// any more and nobody registered it again meanwhile.
+    async fn release_wildcard(&self, mqtt: &str, now: i64) -> Result<()> {
+        let Some(row) = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(REGISTRY_PK.into(), registry_sk(mqtt))))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("GetItem", e))?
+            .item
+        else {
+            return Ok(());
+        };
+        let Some(stamp) = get_s(&row, "stamp").map(str::to_string) else {
+            return Ok(());
+        };
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(filter_pk(mqtt)))
+            .consistent_read(true)
+            .limit(BATCH as i32)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("Query", e))?;
+        let in_use = page.items().iter().any(|i| live(i, now))
+            || page.last_evaluated_key.is_some_and(|k| !k.is_empty());
+        if in_use {
+            return Ok(());
+        }
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(REGISTRY_PK.into(), registry_sk(mqtt))))
+            .condition_expression("stamp = :stamp")
+            .expression_attribute_values(":stamp", s(stamp))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            // Registered again meanwhile: it stays.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(StoreError::new("DeleteItem", e)),
+        }
+    }
+
+    /// The registry's version (0 before the first wildcard subscribe).
+    pub async fn registry_version(&self) -> Result<i64> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(REGISTRY_PK.into(), VERSION_SK.into())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("GetItem", e))?;
+        Ok(out.item.as_ref().and_then(|i| get_n(i, "v")).unwrap_or(0))
+    }
+
+    /// The registry: its version and the live wildcard filters.
+    pub async fn wildcards(&self, now: i64) -> Result<(i64, Vec<String>)> {
+        let items = self.query_all(REGISTRY_PK.into(), None).await?;
+        let mut version = 0;
+        let mut filters = Vec::new();
+        for item in &items {
+            match get_s(item, SK) {
+                Some(VERSION_SK) => version = get_n(item, "v").unwrap_or(0),
+                Some(sk) if live(item, now) => {
+                    if let Some(f) = sk.strip_prefix("f#") {
+                        filters.push(f.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((version, filters))
+    }
+
+    /// The live connections holding broker filter `mqtt`.
+    pub async fn subscribers(&self, mqtt: &str, now: i64) -> Result<Vec<String>> {
+        let items = self.query_all(filter_pk(mqtt), Some("sk, #ttl")).await?;
+        Ok(items
+            .iter()
+            .filter(|i| live(i, now))
+            .filter_map(|i| get_s(i, SK).map(str::to_string))
+            .collect())
+    }
+}
+
+/// Full-jitter exponential backoff: up to 50 ms × 2^attempt, at most 1 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = (50u64 << attempt.min(5)).min(1000);
+    Duration::from_millis(fastrand::u64(cap / 4..=cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_and_keys() {
+        assert!(is_wildcard("a/+/b"));
+        assert!(is_wildcard("#"));
+        assert!(!is_wildcard("a/b+c"));
+        assert!(!is_wildcard("a/b"));
+        assert_eq!(filter_pk("a/#"), "filter#a/#");
+        assert_eq!(conn_pk("X="), "conn#X=");
+    }
+
+    #[test]
+    fn ttl_rule() {
+        let mut item = HashMap::new();
+        assert!(live(&item, 100));
+        item.insert(TTL.to_string(), n(99));
+        assert!(!live(&item, 100));
+        item.insert(TTL.to_string(), n(100));
+        assert!(live(&item, 100));
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for attempt in 0..20 {
+            assert!(backoff(attempt) <= Duration::from_millis(1000));
+        }
+    }
+}

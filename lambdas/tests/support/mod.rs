@@ -1,0 +1,1118 @@
+//! Real local parts for the Lambda tests, started by the tests on free ports:
+//!
+//! * [`moto`]: moto's server (`pip install 'moto[server]'`) for DynamoDB, one
+//!   per test process; each test creates its own table from the definition in
+//!   `infra/template.yaml` ([`create_table`]);
+//! * [`StandIn`]: an HTTP stand-in for the API Gateway management API and the
+//!   IoT Data Plane (moto answers 200 for unknown connections and lacks
+//!   `ListRetainedMessages`): it records what the real SDK clients sent and
+//!   answers 410 or 429 on demand;
+//! * [`RuntimeApi`] / [`LambdaProcess`]: the Lambda Runtime API, so the built
+//!   `lambda_runtime` binaries run their real loop end to end.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+pub const REGION: &str = "us-east-1";
+pub const STAGE: &str = "test";
+
+/// The repository's `infra/template.yaml`.
+pub fn template_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")
+}
+
+pub fn template() -> serde_yaml::Value {
+    let text = std::fs::read_to_string(template_path()).expect("read infra/template.yaml");
+    serde_yaml::from_str(&text).expect("infra/template.yaml is YAML")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+// ------------------------------------------------------------------ moto
+
+pub struct Moto {
+    pub endpoint: String,
+}
+
+/// moto's server for this test process (started on first use, stopped when
+/// the process exits).
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(start_moto)
+}
+
+fn start_moto() -> Moto {
+    for _ in 0..3 {
+        let port = free_port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The child dies with this thread (PR_SET_PDEATHSIG), which lives
+        // as long as the test process.
+        std::thread::spawn(move || {
+            let mut cmd = Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = child.wait();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+            loop {
+                std::thread::park();
+            }
+        });
+        match rx.recv().expect("moto thread") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "moto_server is not on PATH: the Lambda tests need moto's server for DynamoDB. \
+                 Install it with: pip install 'moto[server]'"
+            ),
+            Err(e) => panic!("cannot start moto_server: {e}"),
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Moto {
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("moto_server did not start listening within 30 s (pip install 'moto[server]')");
+}
+
+/// moto behind a proxy that passes one request at a time, for this process.
+///
+/// moto's server is threaded, and its `TransactWriteItems` undoes a cancelled
+/// transaction by restoring a copy of the whole table taken before it: two
+/// transactions at once can erase each other's writes, which DynamoDB's
+/// isolation never does. One request at a time gives moto the isolation the
+/// code relies on, while the functions still send their requests concurrently.
+pub fn dynamodb_endpoint() -> &'static str {
+    static PROXY: OnceLock<String> = OnceLock::new();
+    PROXY.get_or_init(|| serializing_proxy(moto().endpoint.clone()))
+}
+
+fn serializing_proxy(upstream: String) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("proxy runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let client = reqwest::Client::new();
+            let turn = Arc::new(tokio::sync::Mutex::new(()));
+            let app = Router::new().fallback(
+                move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                    let (client, turn, upstream) = (client.clone(), turn.clone(), upstream.clone());
+                    async move {
+                        let _one_at_a_time = turn.lock().await;
+                        let mut forwarded = reqwest::header::HeaderMap::new();
+                        for (k, v) in headers.iter() {
+                            if !matches!(
+                                k.as_str(),
+                                "host" | "content-length" | "connection" | "transfer-encoding"
+                            ) {
+                                forwarded.insert(k.clone(), v.clone());
+                            }
+                        }
+                        let url = format!(
+                            "{upstream}{}",
+                            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+                        );
+                        match client
+                            .request(method, url)
+                            .headers(forwarded)
+                            .body(body)
+                            .send()
+                            .await
+                        {
+                            Ok(resp) => {
+                                let status = resp.status();
+                                let mut out = HeaderMap::new();
+                                for (k, v) in resp.headers().iter() {
+                                    if !matches!(
+                                        k.as_str(),
+                                        "content-length" | "connection" | "transfer-encoding"
+                                    ) {
+                                        out.insert(k.clone(), v.clone());
+                                    }
+                                }
+                                let body = resp.bytes().await.unwrap_or_default();
+                                (status, out, body).into_response()
+                            }
+                            Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                        }
+                    }
+                },
+            );
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    let addr: SocketAddr = rx.recv().expect("proxy address");
+    format!("http://{addr}")
+}
+
+/// An SDK configuration for a local endpoint, with dummy credentials.
+pub fn sdk(endpoint: &str) -> SdkConfig {
+    let creds = aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test");
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            creds,
+        ))
+        .endpoint_url(endpoint)
+        .build()
+}
+
+/// Environment for a Lambda binary talking to local endpoints.
+pub fn aws_env(moto: &str, standin: &StandIn) -> Vec<(String, String)> {
+    [
+        ("AWS_REGION", REGION.to_string()),
+        ("AWS_DEFAULT_REGION", REGION.to_string()),
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+        ("AWS_SESSION_TOKEN", "test".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ("AWS_ENDPOINT_URL_DYNAMODB", moto.to_string()),
+        ("AWS_ENDPOINT_URL_IOT_DATA_PLANE", standin.url.clone()),
+        ("WEBSOCKET_ENDPOINT", standin.websocket_endpoint()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+static TABLES: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a fresh table from `ConnectionsTable` in infra/template.yaml:
+/// its key schema, attribute definitions, billing mode and TTL attribute.
+pub async fn create_table(client: &aws_sdk_dynamodb::Client) -> String {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        TimeToLiveSpecification,
+    };
+    let t = template();
+    let table = &t["Resources"]["ConnectionsTable"];
+    assert_eq!(table["Type"].as_str(), Some("AWS::DynamoDB::Table"));
+    let props = &table["Properties"];
+    let name = format!(
+        "bridge-{}-{}",
+        std::process::id(),
+        TABLES.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut create = client.create_table().table_name(&name);
+    for a in props["AttributeDefinitions"]
+        .as_sequence()
+        .expect("AttributeDefinitions")
+    {
+        create = create.attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(a["AttributeName"].as_str().unwrap())
+                .attribute_type(ScalarAttributeType::from(
+                    a["AttributeType"].as_str().unwrap(),
+                ))
+                .build()
+                .unwrap(),
+        );
+    }
+    for k in props["KeySchema"].as_sequence().expect("KeySchema") {
+        create = create.key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(k["AttributeName"].as_str().unwrap())
+                .key_type(KeyType::from(k["KeyType"].as_str().unwrap()))
+                .build()
+                .unwrap(),
+        );
+    }
+    create = create.billing_mode(BillingMode::from(props["BillingMode"].as_str().unwrap()));
+    create.send().await.expect("CreateTable on moto");
+    let ttl = &props["TimeToLiveSpecification"];
+    client
+        .update_time_to_live()
+        .table_name(&name)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name(ttl["AttributeName"].as_str().unwrap())
+                .enabled(ttl["Enabled"].as_bool().unwrap())
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .expect("UpdateTimeToLive on moto");
+    name
+}
+
+/// Every item of a table (tests only: the code never scans).
+pub async fn scan(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    let mut out = Vec::new();
+    let mut start = None;
+    loop {
+        let page = client
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("Scan");
+        out.extend(page.items.unwrap_or_default());
+        match page.last_evaluated_key {
+            Some(k) if !k.is_empty() => start = Some(k),
+            _ => return out,
+        }
+    }
+}
+
+/// The `pk|sk` of every item, sorted.
+pub async fn keys(client: &aws_sdk_dynamodb::Client, table: &str) -> Vec<String> {
+    let mut keys: Vec<String> = scan(client, table)
+        .await
+        .iter()
+        .map(|i| format!("{}|{}", i["pk"].as_s().unwrap(), i["sk"].as_s().unwrap()))
+        .collect();
+    keys.sort();
+    keys
+}
+
+// ------------------------------------------------------------------ stand-in
+
+/// One request the stand-in received.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub method: String,
+    /// The path as sent (percent-encoded).
+    pub raw_path: String,
+    pub query: String,
+    pub body: Vec<u8>,
+}
+
+impl Record {
+    /// The decoded connection id of a `POST /{stage}/@connections/{id}`.
+    pub fn connection(&self) -> Option<String> {
+        let rest = self
+            .raw_path
+            .strip_prefix(&format!("/{STAGE}/@connections/"))?;
+        Some(percent_decode(rest))
+    }
+
+    /// The decoded topic of a `POST /topics/{topic}`.
+    pub fn topic(&self) -> Option<String> {
+        Some(percent_decode(self.raw_path.strip_prefix("/topics/")?))
+    }
+
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+
+    pub fn body_json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Default)]
+struct StandInState {
+    records: Mutex<Vec<Record>>,
+    gone: Mutex<HashSet<String>>,
+    throttle: Mutex<HashMap<String, u32>>,
+    delay: Mutex<Duration>,
+    retained: Mutex<BTreeMap<String, Vec<u8>>>,
+    publish_status: Mutex<VecDeque<u16>>,
+}
+
+/// The recording stand-in for `@connections` and the IoT Data Plane.
+#[derive(Clone)]
+pub struct StandIn {
+    pub url: String,
+    state: Arc<StandInState>,
+}
+
+impl StandIn {
+    pub async fn start() -> StandIn {
+        let state = Arc::new(StandInState::default());
+        let app = Router::new().fallback(standin).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        StandIn {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    /// The stage's management endpoint (`WEBSOCKET_ENDPOINT`).
+    pub fn websocket_endpoint(&self) -> String {
+        format!("{}/{STAGE}", self.url)
+    }
+
+    pub fn records(&self) -> Vec<Record> {
+        self.state.records.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.state.records.lock().unwrap().clear();
+    }
+
+    /// Posts to the management API, oldest first.
+    pub fn posts(&self) -> Vec<Record> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.connection().is_some())
+            .collect()
+    }
+
+    /// (connection, frame) of every post, oldest first.
+    pub fn posted(&self) -> Vec<(String, Value)> {
+        self.posts()
+            .iter()
+            .map(|r| (r.connection().unwrap(), r.body_json()))
+            .collect()
+    }
+
+    /// IoT Data Plane publishes, oldest first.
+    pub fn publishes(&self) -> Vec<Record> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.topic().is_some())
+            .collect()
+    }
+
+    /// Posts to this connection answer 410 Gone from now on.
+    pub fn set_gone(&self, connection: &str) {
+        self.state.gone.lock().unwrap().insert(connection.into());
+    }
+
+    /// The next `n` posts to this connection answer 429.
+    pub fn throttle(&self, connection: &str, n: u32) {
+        self.state
+            .throttle
+            .lock()
+            .unwrap()
+            .insert(connection.into(), n);
+    }
+
+    /// Every post is answered after this delay.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = delay;
+    }
+
+    /// The next IoT Data Plane requests (publish, retained reads) answer these statuses.
+    pub fn fail_publishes(&self, statuses: &[u16]) {
+        self.state
+            .publish_status
+            .lock()
+            .unwrap()
+            .extend(statuses.iter().copied());
+    }
+
+    /// A retained message, as a device's retained publish leaves it.
+    pub fn set_retained(&self, topic: &str, payload: &[u8]) {
+        self.state
+            .retained
+            .lock()
+            .unwrap()
+            .insert(topic.into(), payload.to_vec());
+    }
+}
+
+fn error(status: StatusCode, kind: &str) -> Response {
+    (
+        status,
+        [
+            ("x-amzn-errortype", kind),
+            ("content-type", "application/json"),
+        ],
+        json!({"message": kind}).to_string(),
+    )
+        .into_response()
+}
+
+fn ok_json(v: Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn standin(
+    State(state): State<Arc<StandInState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let raw_path = uri.path().to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    let record = Record {
+        method: method.to_string(),
+        raw_path: raw_path.clone(),
+        query: query.clone(),
+        body: body.to_vec(),
+    };
+    state.records.lock().unwrap().push(record.clone());
+    let b64 = base64::engine::general_purpose::STANDARD;
+
+    if let Some(conn) = record.connection() {
+        if state.gone.lock().unwrap().contains(&conn) {
+            return error(StatusCode::GONE, "GoneException");
+        }
+        {
+            let mut throttle = state.throttle.lock().unwrap();
+            if let Some(n) = throttle.get_mut(&conn) {
+                if *n > 0 {
+                    *n -= 1;
+                    return error(StatusCode::TOO_MANY_REQUESTS, "LimitExceededException");
+                }
+            }
+        }
+        let delay = *state.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        return StatusCode::OK.into_response();
+    }
+    if let Some(topic) = record.topic() {
+        if let Some(status) = state.publish_status.lock().unwrap().pop_front() {
+            let kind = match status {
+                429 => "ThrottlingException",
+                413 => "RequestEntityTooLargeException",
+                403 => "ForbiddenException",
+                _ => "InternalFailureException",
+            };
+            return error(StatusCode::from_u16(status).unwrap(), kind);
+        }
+        if record.query_param("retain").as_deref() == Some("true") {
+            let mut retained = state.retained.lock().unwrap();
+            if body.is_empty() {
+                retained.remove(&topic);
+            } else {
+                retained.insert(topic, body.to_vec());
+            }
+        }
+        return ok_json(json!({}));
+    }
+    if method == Method::GET && raw_path.starts_with("/retainedMessage") {
+        if let Some(status) = state.publish_status.lock().unwrap().pop_front() {
+            return error(
+                StatusCode::from_u16(status).unwrap(),
+                "InternalFailureException",
+            );
+        }
+    }
+    if method == Method::GET {
+        if let Some(topic) = raw_path.strip_prefix("/retainedMessage/") {
+            let topic = percent_decode(topic);
+            return match state.retained.lock().unwrap().get(&topic) {
+                Some(p) => ok_json(json!({
+                    "topic": topic, "payload": b64.encode(p), "qos": 0, "lastModifiedTime": 1
+                })),
+                None => error(StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            };
+        }
+        if raw_path == "/retainedMessage" {
+            let max: usize = record
+                .query_param("maxResults")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(200);
+            let start: usize = record
+                .query_param("nextToken")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            let all: Vec<(String, usize)> = state
+                .retained
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, p)| (t.clone(), p.len()))
+                .collect();
+            let page: Vec<Value> = all
+                .iter()
+                .skip(start)
+                .take(max)
+                .map(
+                    |(t, n)| json!({"topic": t, "payloadSize": n, "qos": 0, "lastModifiedTime": 1}),
+                )
+                .collect();
+            let mut out = json!({ "retainedTopics": page });
+            if start + max < all.len() {
+                out["nextToken"] = json!((start + max).to_string());
+            }
+            return ok_json(out);
+        }
+    }
+    error(StatusCode::NOT_FOUND, "UnknownOperationException")
+}
+
+// ------------------------------------------------------------------ Lambda Runtime API
+
+type Outcome = Result<Value, Value>;
+
+struct RuntimeState {
+    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    first_next: Mutex<Option<Instant>>,
+    init_error: Mutex<Option<Value>>,
+}
+
+/// A local Lambda Runtime API for one function.
+pub struct RuntimeApi {
+    pub addr: SocketAddr,
+    state: Arc<RuntimeState>,
+    events: mpsc::UnboundedSender<(String, Value)>,
+    next_id: AtomicU64,
+}
+
+impl RuntimeApi {
+    pub async fn start() -> RuntimeApi {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(RuntimeState {
+            queue: tokio::sync::Mutex::new(rx),
+            waiting: Mutex::new(HashMap::new()),
+            first_next: Mutex::new(None),
+            init_error: Mutex::new(None),
+        });
+        let app = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(respond),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(fail))
+            .route("/2018-06-01/runtime/init/error", post(init_error))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        RuntimeApi {
+            addr,
+            state,
+            events: tx,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Invokes the function with `event`: its response, or its error.
+    pub async fn invoke(&self, event: Value) -> Outcome {
+        let id = format!("req-{}", self.next_id.fetch_add(1, Ordering::SeqCst));
+        let (tx, rx) = oneshot::channel();
+        self.state.waiting.lock().unwrap().insert(id.clone(), tx);
+        self.events.send((id, event)).expect("runtime queue");
+        tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("the function answers within 60 s")
+            .expect("an answer")
+    }
+
+    /// When the function first asked for an event.
+    pub fn first_next(&self) -> Option<Instant> {
+        *self.state.first_next.lock().unwrap()
+    }
+
+    pub fn init_error(&self) -> Option<Value> {
+        self.state.init_error.lock().unwrap().clone()
+    }
+}
+
+async fn next(State(state): State<Arc<RuntimeState>>) -> Response {
+    {
+        let mut first = state.first_next.lock().unwrap();
+        if first.is_none() {
+            *first = Some(Instant::now());
+        }
+    }
+    let Some((id, event)) = state.queue.lock().await.recv().await else {
+        return StatusCode::GONE.into_response();
+    };
+    let deadline = (std::time::SystemTime::now() + Duration::from_secs(60))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert("lambda-runtime-aws-request-id", id.parse().unwrap());
+    headers.insert("lambda-runtime-deadline-ms", deadline.parse().unwrap());
+    headers.insert(
+        "lambda-runtime-invoked-function-arn",
+        "arn:aws:lambda:us-east-1:123456789012:function:test"
+            .parse()
+            .unwrap(),
+    );
+    headers.insert(
+        "lambda-runtime-trace-id",
+        "Root=1-00000000-000000000000000000000000".parse().unwrap(),
+    );
+    headers.insert("content-type", "application/json".parse().unwrap());
+    (StatusCode::OK, headers, event.to_string()).into_response()
+}
+
+fn answer(state: &RuntimeState, id: &str, outcome: Outcome) -> StatusCode {
+    match state.waiting.lock().unwrap().remove(id) {
+        Some(tx) => {
+            let _ = tx.send(outcome);
+            StatusCode::ACCEPTED
+        }
+        None => StatusCode::BAD_REQUEST,
+    }
+}
+
+async fn respond(
+    State(state): State<Arc<RuntimeState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> StatusCode {
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    answer(&state, &id, Ok(v))
+}
+
+async fn fail(
+    State(state): State<Arc<RuntimeState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> StatusCode {
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    answer(&state, &id, Err(v))
+}
+
+async fn init_error(State(state): State<Arc<RuntimeState>>, body: Bytes) -> StatusCode {
+    *state.init_error.lock().unwrap() = serde_json::from_slice(&body).ok();
+    StatusCode::ACCEPTED
+}
+
+/// A Lambda binary running against a [`RuntimeApi`]; killed on drop.
+pub struct LambdaProcess {
+    child: Child,
+    pub started: Instant,
+    pub runtime: RuntimeApi,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl LambdaProcess {
+    pub async fn start(binary: &str, name: &str, env: &[(String, String)]) -> LambdaProcess {
+        let runtime = RuntimeApi::start().await;
+        let mut cmd = Command::new(binary);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", name)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = stdout.clone();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        LambdaProcess {
+            child,
+            started,
+            runtime,
+            stdout,
+        }
+    }
+
+    pub async fn invoke(&self, event: Value) -> Outcome {
+        self.runtime.invoke(event).await
+    }
+
+    /// Time from process start to its first `/next` request (waits for it).
+    pub async fn init_time(&mut self) -> Duration {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(t) = self.runtime.first_next() {
+                return t - self.started;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the function exited during init: {status}");
+            }
+            assert!(Instant::now() < deadline, "no /next request within 30 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// CPU time (user + system) the process used so far (Linux /proc).
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name: state is 3rd, utime 14th, stime 15th.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Lines the function wrote to stdout (EMF metrics among them).
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// The EMF lines it wrote, parsed.
+    pub fn metrics(&self) -> Vec<Value> {
+        self.stdout()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("_aws").is_some())
+            .collect()
+    }
+}
+
+impl Drop for LambdaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ------------------------------------------------------------------ events and tokens
+
+/// A `$connect` / `$disconnect` / `$default` event as API Gateway sends it
+/// (the shape of aws_lambda_events' fixtures).
+pub fn ws_event(
+    route: &str,
+    connection: &str,
+    body: Option<&str>,
+    authorizer: Option<Value>,
+) -> Value {
+    let event_type = match route {
+        "$connect" => "CONNECT",
+        "$disconnect" => "DISCONNECT",
+        _ => "MESSAGE",
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut ctx = json!({
+        "routeKey": route,
+        "eventType": event_type,
+        "extendedRequestId": "ext-1",
+        "requestTime": "09/Feb/2024:18:23:28 +0000",
+        "messageDirection": "IN",
+        "stage": STAGE,
+        "connectedAt": now,
+        "requestTimeEpoch": now,
+        "identity": {"sourceIp": "192.0.2.1"},
+        "requestId": "req-1",
+        "domainName": "abcd1234.execute-api.us-east-1.amazonaws.com",
+        "connectionId": connection,
+        "apiId": "abcd1234"
+    });
+    if route != "$connect" && route != "$disconnect" {
+        ctx["messageId"] = json!("msg-1");
+    }
+    if let Some(a) = authorizer {
+        ctx["authorizer"] = a;
+    }
+    let mut event = json!({
+        "requestContext": ctx,
+        "isBase64Encoded": false
+    });
+    if route == "$connect" {
+        event["headers"] = json!({
+            "Host": "abcd1234.execute-api.us-east-1.amazonaws.com",
+            "Sec-WebSocket-Key": "x3JJHMbDL1EzLkh9GBhXDw==",
+            "Sec-WebSocket-Version": "13"
+        });
+        event["multiValueHeaders"] = json!({
+            "Host": ["abcd1234.execute-api.us-east-1.amazonaws.com"],
+            "Sec-WebSocket-Key": ["x3JJHMbDL1EzLkh9GBhXDw=="],
+            "Sec-WebSocket-Version": ["13"]
+        });
+    }
+    if let Some(b) = body {
+        event["body"] = json!(b);
+    }
+    event
+}
+
+/// The REQUEST authorizer event for `$connect` (the shape of the fixture
+/// example-apigw-v2-custom-authorizer-websocket-request.json).
+pub fn authorizer_event(query_token: Option<&str>, header: Option<&str>) -> Value {
+    let mut headers = json!({"Host": "abcd1234.execute-api.us-east-1.amazonaws.com"});
+    let mut multi = json!({"Host": ["abcd1234.execute-api.us-east-1.amazonaws.com"]});
+    if let Some(h) = header {
+        headers["Authorization"] = json!(h);
+        multi["Authorization"] = json!([h]);
+    }
+    let (q, mq) = match query_token {
+        Some(t) => (json!({"token": t}), json!({"token": [t]})),
+        None => (json!({}), json!({})),
+    };
+    json!({
+        "type": "REQUEST",
+        "methodArn": "arn:aws:execute-api:us-east-1:123456789012:abcd1234/test/$connect",
+        "headers": headers,
+        "multiValueHeaders": multi,
+        "queryStringParameters": q,
+        "multiValueQueryStringParameters": mq,
+        "stageVariables": {},
+        "requestContext": {
+            "apiId": "abcd1234",
+            "connectedAt": 1655103417248i64,
+            "connectionId": "connection-id",
+            "domainName": "abcd1234.execute-api.us-east-1.amazonaws.com",
+            "eventType": "CONNECT",
+            "extendedRequestId": "extended-req-id",
+            "identity": {"sourceIp": "192.0.2.1", "userAgent": "test"},
+            "messageDirection": "IN",
+            "requestId": "req-id",
+            "requestTime": "13/Jun/2022:06:56:57 +0000",
+            "requestTimeEpoch": 1655103417249i64,
+            "routeKey": "$connect",
+            "stage": STAGE
+        }
+    })
+}
+
+/// The topic rule's output for one MQTT message.
+pub fn rule_event(topic: &str, payload: &[u8]) -> Value {
+    json!({
+        "topic": topic,
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+        "timestamp": 1700000000000i64,
+        "id": "7d2c1b7e-0000-4000-8000-000000000001"
+    })
+}
+
+pub fn now_secs() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// An HS256 token.
+pub fn hs256_token(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+// ------------------------------------------------------------------ in-process functions
+
+/// A fresh table on moto, a stand-in, and the functions built on them
+/// in-process (the same constructors the binaries use).
+pub struct Kit {
+    pub standin: StandIn,
+    pub ddb: aws_sdk_dynamodb::Client,
+    pub table: String,
+    pub calls: lambdas::calls::Calls,
+    ddb_sdk: SdkConfig,
+    standin_sdk: SdkConfig,
+}
+
+impl Kit {
+    pub async fn new() -> Kit {
+        let standin = StandIn::start().await;
+        let ddb_sdk = sdk(dynamodb_endpoint());
+        let standin_sdk = sdk(&standin.url);
+        let calls = lambdas::calls::Calls::new();
+        let ddb = lambdas::aws::dynamodb(&ddb_sdk, &calls);
+        let table = create_table(&ddb).await;
+        Kit {
+            standin,
+            ddb,
+            table,
+            calls,
+            ddb_sdk,
+            standin_sdk,
+        }
+    }
+
+    /// The environment a deployed function would see, plus `extra`.
+    pub fn env(&self, extra: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let mut map: HashMap<String, String> = HashMap::from([
+            ("TABLE_NAME".to_string(), self.table.clone()),
+            (
+                "WEBSOCKET_ENDPOINT".to_string(),
+                self.standin.websocket_endpoint(),
+            ),
+        ]);
+        for (k, v) in extra {
+            map.insert(k.to_string(), v.to_string());
+        }
+        move |name: &str| map.get(name).cloned()
+    }
+
+    pub fn store(&self, calls: &lambdas::calls::Calls) -> lambdas::store::Store {
+        lambdas::store::Store::new(lambdas::aws::dynamodb(&self.ddb_sdk, calls), &self.table)
+    }
+
+    pub fn sender(&self, calls: &lambdas::calls::Calls) -> lambdas::sender::Sender {
+        lambdas::sender::Sender::new(lambdas::aws::management(
+            &self.standin_sdk,
+            calls,
+            &self.standin.websocket_endpoint(),
+        ))
+    }
+
+    pub fn handler(&self, extra: &[(&str, &str)]) -> lambdas::handler::Handler {
+        self.handler_with(extra, &self.calls)
+    }
+
+    /// The handler, counting its requests in `calls`.
+    pub fn handler_with(
+        &self,
+        extra: &[(&str, &str)],
+        calls: &lambdas::calls::Calls,
+    ) -> lambdas::handler::Handler {
+        let config = lambdas::config::HandlerConfig::from_env(&self.env(extra)).unwrap();
+        lambdas::handler::Handler::new(
+            config,
+            self.store(calls),
+            lambdas::iot::Iot::new(lambdas::aws::iot_data(&self.standin_sdk, calls)),
+            self.sender(calls),
+        )
+    }
+
+    pub fn fanout(&self, extra: &[(&str, &str)]) -> lambdas::fanout::Fanout {
+        self.fanout_with(extra, &self.calls)
+    }
+
+    /// The fan-out, counting its requests in `calls`.
+    pub fn fanout_with(
+        &self,
+        extra: &[(&str, &str)],
+        calls: &lambdas::calls::Calls,
+    ) -> lambdas::fanout::Fanout {
+        let config = lambdas::config::FanoutConfig::from_env(&self.env(extra)).unwrap();
+        lambdas::fanout::Fanout::new(config, self.store(calls), self.sender(calls), calls.clone())
+    }
+
+    pub async fn keys(&self) -> Vec<String> {
+        keys(&self.ddb, &self.table).await
+    }
+}
+
+/// The authorizer context API Gateway passes on for these permissions.
+pub fn context_for(perms: &bridge::permissions::Permissions) -> Value {
+    json!({"permissions": serde_json::to_string(perms).unwrap(), "principalId": "p"})
+}
+
+/// Connects `id` through the handler with these permissions; panics unless 200.
+pub async fn connect(
+    h: &lambdas::handler::Handler,
+    id: &str,
+    perms: &bridge::permissions::Permissions,
+) {
+    let event =
+        serde_json::from_value(ws_event("$connect", id, None, Some(context_for(perms)))).unwrap();
+    let r = h.handle(event).await.unwrap();
+    assert_eq!(r.status_code, 200);
+}
+
+/// Sends one text frame; the reply body, parsed.
+pub async fn send(h: &lambdas::handler::Handler, id: &str, frame: &str) -> Option<Value> {
+    let event = serde_json::from_value(ws_event("$default", id, Some(frame), None)).unwrap();
+    let r = h.handle(event).await.unwrap();
+    assert_eq!(r.status_code, 200);
+    match r.body {
+        Some(aws_lambda_events::encodings::Body::Text(t)) => {
+            Some(serde_json::from_str(&t).unwrap())
+        }
+        Some(other) => panic!("unexpected body {other:?}"),
+        None => None,
+    }
+}
+
+/// Permissions from a channels claim.
+pub fn perms(
+    subject: &str,
+    subscribe: &[&str],
+    publish: &[&str],
+) -> bridge::permissions::Permissions {
+    bridge::permissions::Permissions::from_claims(
+        Some(subject),
+        &bridge::permissions::ChannelsClaim {
+            subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+}

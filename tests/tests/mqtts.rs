@@ -1,0 +1,212 @@
+//! TLS on both sides, as against AWS IoT Core: `bridge serve` reaches a
+//! Mosquitto that requires X.509 client certificates over mqtts://, serves
+//! wss:// itself, and `bridge smoke` checks the whole path both ways.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use tests::{bridge_bin, free_port, Bridge, Client, Opts};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (Debian package openssl) is needed to make test certificates");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost and a client certificate.
+fn pki(dir: &Path) {
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    for (name, cn) in [("server", "localhost"), ("client", "bridge-device")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+    }
+}
+
+struct TlsMosquitto {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Drop for TlsMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_mosquitto(dir: &Path) -> TlsMosquitto {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
+             cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + tests::WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS mosquitto did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    TlsMosquitto { port, child }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_client_certificate_and_smoke() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("bridge-mqtts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let broker = tls_mosquitto(&dir);
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let bridge = Bridge::spawn_with(
+        Opts::default().args([
+            "--mqtt-url".to_string(),
+            format!("mqtts://localhost:{}", broker.port),
+            "--mqtt-ca".into(),
+            p("ca.pem"),
+            "--mqtt-cert".into(),
+            p("client.pem"),
+            "--mqtt-key".into(),
+            p("client.key"),
+            "--tls-cert".into(),
+            p("server.pem"),
+            "--tls-key".into(),
+            p("server.key"),
+        ]),
+        broker.port,
+    );
+    let (status, _) = tests::https_healthz(&bridge, &dir.join("ca.pem")).await;
+    assert_eq!(
+        status,
+        200,
+        "the bridge is not connected to the TLS broker:\n{}",
+        bridge.logs()
+    );
+
+    // Without a client certificate the broker refuses the bridge.
+    let refused = Bridge::spawn_with(
+        Opts::default().args([
+            "--mqtt-url".to_string(),
+            format!("mqtts://localhost:{}", broker.port),
+            "--mqtt-ca".into(),
+            p("ca.pem"),
+        ]),
+        broker.port,
+    );
+    let mut c = Client::connect(&refused.ws_url()).await;
+    c.expect_error(
+        serde_json::json!({"action":"subscribe","channel":"x"}),
+        "unavailable",
+    )
+    .await;
+
+    // bridge smoke: wss:// to the bridge, mqtts:// with the client certificate to the broker.
+    let (cert, key, ca) = (p("client.pem"), p("client.key"), p("ca.pem"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bridge_bin())
+            .args([
+                "smoke",
+                "--url",
+                &format!("wss://localhost:{}/ws", bridge.addr.port()),
+            ])
+            .args([
+                "--iot-endpoint",
+                "localhost",
+                "--port",
+                &broker.port.to_string(),
+            ])
+            .args(["--cert", &cert, "--key", &key, "--ca", &ca])
+            .env("SSL_CERT_FILE", &ca)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "bridge smoke failed:\n{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
