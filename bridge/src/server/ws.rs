@@ -355,9 +355,9 @@ impl Session {
                         return self.refuse(socket, link_error(id, e)).await;
                     }
                 };
-                if let Some(ack) = ack {
-                    socket.feed(Message::Text(ack.into())).await?;
-                }
+                // The retained messages first, then the ack, then live
+                // messages: the order the AWS deployment gives too (there the
+                // ack is the route response, sent when the request ends).
                 for (topic, payload) in &messages {
                     let name = self.app.policy.prefix.to_channel(topic).unwrap_or(topic);
                     socket
@@ -365,6 +365,9 @@ impl Session {
                         .await?;
                 }
                 self.app.metrics.deliveries.inc_by(messages.len() as u64);
+                if let Some(ack) = ack {
+                    socket.feed(Message::Text(ack.into())).await?;
+                }
                 socket.flush().await
             }
             Action::Unsubscribe { channel, mqtt, .. } => {
