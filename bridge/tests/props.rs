@@ -114,6 +114,42 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
+    fn a_planned_round_installs_disjoint(
+        before in prop::collection::vec(filter(), 0..10),
+        round in prop::collection::vec(filter(), 1..10),
+    ) {
+        let mut cover = Cover::new();
+        for f in &before {
+            cover.add(f);
+        }
+        let plan = cover.plan(round.iter().map(String::as_str));
+        for f in &plan.covered {
+            prop_assert!(cover.element_for(f).is_some());
+        }
+        let new: Vec<&String> = plan.new.iter().map(|(e, _)| e).collect();
+        for (i, a) in new.iter().enumerate() {
+            for b in &new[i + 1..] {
+                prop_assert!(!overlaps(a, b), "round elements {} and {} overlap", a, b);
+            }
+        }
+        for (element, members) in plan.new {
+            for m in &members {
+                prop_assert!(covers(&element, m), "{} does not cover {}", element, m);
+            }
+            cover.install(&element, members);
+        }
+        let elements = cover.elements();
+        for (i, a) in elements.iter().enumerate() {
+            for b in &elements[i + 1..] {
+                prop_assert!(!overlaps(a, b), "{} and {} overlap", a, b);
+            }
+        }
+        for f in before.iter().chain(&round) {
+            prop_assert!(cover.element_for(f).is_some(), "{} is not served", f);
+        }
+    }
+
+    #[test]
     fn matching_agrees_with_the_reference(f in filter(), t in topic()) {
         prop_assert!(validate_filter(&f).is_ok());
         prop_assert!(validate_topic(&t).is_ok());
@@ -162,8 +198,10 @@ proptest! {
             for u in change.unsubscribe {
                 subscribed.remove(&u);
             }
-            let elements: Vec<&str> = cover.elements().collect();
-            prop_assert_eq!(elements.iter().map(|e| e.to_string()).collect::<BTreeSet<_>>(), subscribed.clone());
+            let elements = cover.elements();
+            prop_assert_eq!(elements.iter().cloned().collect::<BTreeSet<_>>(), subscribed.clone());
+            prop_assert_eq!(cover.len(), elements.len());
+            let elements: Vec<&str> = elements.iter().map(String::as_str).collect();
             for (i, x) in elements.iter().enumerate() {
                 for y in &elements[i + 1..] {
                     prop_assert!(!overlaps(x, y), "{} and {} overlap", x, y);
@@ -171,6 +209,13 @@ proptest! {
             }
             for h in &held {
                 prop_assert!(cover.element_for(h).is_some(), "{} is not served", h);
+            }
+            // The tree lookups agree with a scan of every element.
+            for probe in held.iter().chain(std::iter::once(&f)) {
+                let scan_cover: Vec<String> = elements.iter().filter(|e| covers(e, probe)).map(|e| e.to_string()).collect();
+                prop_assert_eq!(cover.element_for(probe), scan_cover.first().cloned(), "element_for({})", probe);
+                let scan_overlap: Vec<String> = elements.iter().filter(|e| overlaps(e, probe)).map(|e| e.to_string()).collect();
+                prop_assert_eq!(cover.overlapping(probe), scan_overlap, "overlapping({})", probe);
             }
             // No element is kept without a filter under it.
             for e in &elements {

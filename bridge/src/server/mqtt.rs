@@ -144,7 +144,9 @@ struct Waiter {
 
 /// One round of new broker subscriptions.
 struct Batch {
-    tentative: Cover,
+    /// The new element each waiting filter needs (filters not here were
+    /// covered already).
+    element_of: HashMap<String, String>,
     /// New elements and, once the SUBACK is in, whether the broker took them.
     results: BTreeMap<String, Option<bool>>,
     waiters: Vec<Waiter>,
@@ -411,7 +413,7 @@ impl Link {
             Event::Incoming(Incoming::UnsubAck(ack)) => {
                 let mut st = self.state.lock();
                 if let Some(filter) = st.unsubscribes.acked(ack.pkid) {
-                    if !st.committed.elements().any(|e| e == filter) {
+                    if !st.committed.contains(&filter) {
                         st.broker.remove(&filter);
                     }
                 }
@@ -519,7 +521,7 @@ impl Link {
             st.broker.insert(filter);
         }
         // Resubscribe the whole cover; drop what the broker may still hold.
-        let elements: Vec<String> = st.committed.elements().map(str::to_string).collect();
+        let elements: Vec<String> = st.committed.elements();
         for chunk in elements.chunks(FILTERS_PER_SUBSCRIBE) {
             self.send_subscribe(&mut st, chunk.to_vec(), true);
         }
@@ -544,21 +546,19 @@ impl Link {
             return;
         }
         let waiters = std::mem::take(&mut st.queue);
-        let mut tentative = st.committed.clone();
-        for w in &waiters {
-            tentative.add(&w.filter);
-        }
-        let new: Vec<String> = tentative
-            .elements()
-            .filter(|e| !st.committed.elements().any(|c| c == *e))
-            .map(str::to_string)
+        let plan = st.committed.plan(waiters.iter().map(|w| w.filter.as_str()));
+        let element_of: HashMap<String, String> = plan
+            .new
+            .iter()
+            .flat_map(|(e, members)| members.iter().map(move |m| (m.clone(), e.clone())))
             .collect();
+        let new: Vec<String> = plan.new.into_iter().map(|(e, _)| e).collect();
         let chunks: Vec<Vec<String>> = new
             .chunks(FILTERS_PER_SUBSCRIBE)
             .map(<[String]>::to_vec)
             .collect();
         st.batch = Some(Batch {
-            tentative,
+            element_of,
             results: new.iter().map(|e| (e.clone(), None)).collect(),
             waiters,
             chunks_left: chunks.len(),
@@ -632,7 +632,7 @@ impl Link {
                 // A round abandoned when the connection dropped, answered by
                 // a resumed session: not wanted any more.
                 _ => {
-                    if ok && !st.committed.elements().any(|e| e == filter) {
+                    if ok && !st.committed.contains(filter) {
                         self.send_unsubscribe(st, filter.clone());
                     }
                 }
@@ -661,13 +661,13 @@ impl Link {
                 let members = batch
                     .waiters
                     .iter()
-                    .filter(|w| batch.tentative.element_for(&w.filter) == Some(element.as_str()))
+                    .filter(|w| batch.element_of.get(&w.filter) == Some(element))
                     .map(|w| w.filter.clone());
                 replaced.extend(st.committed.install(element, members));
             }
         }
         for w in batch.waiters {
-            let element = batch.tentative.element_for(&w.filter);
+            let element = batch.element_of.get(&w.filter).map(String::as_str);
             let refused = element
                 .and_then(|e| batch.results.get(e))
                 .is_some_and(|r| *r != Some(true));
