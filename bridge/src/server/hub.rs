@@ -30,11 +30,20 @@ use crate::server::metrics::{DropReason, Metrics};
 
 pub type ConnId = u64;
 
-/// What a connection's writer receives.
+/// One broker message, serialized once and shared by every recipient.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The `message` frame.
+    pub frame: Utf8Bytes,
+    /// When the broker's message arrived (for the latency histogram).
+    pub at: Instant,
+}
+
+/// What a connection's writer receives. Two words: queue slots are
+/// allocated per connection, so they stay small.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A message frame, with the time the broker's message arrived.
-    Message(Utf8Bytes, Instant),
+    Message(Arc<Delivery>),
     /// `dropped` messages were lost before the next one.
     Lagged(u64),
 }
@@ -60,11 +69,11 @@ impl Conn {
     /// Queues a frame without waiting. When messages were dropped before it,
     /// a `lagged` notice goes first, so the client sees where the gap is.
     /// Returns false when the queue is full (the message is dropped).
-    fn offer(&self, frame: &Utf8Bytes, at: Instant) -> bool {
+    fn offer(&self, delivery: &Arc<Delivery>) -> bool {
         if self.dropped.load(Ordering::Relaxed) == 0 {
             if self
                 .tx
-                .try_send(Outbound::Message(frame.clone(), at))
+                .try_send(Outbound::Message(delivery.clone()))
                 .is_ok()
             {
                 return true;
@@ -77,7 +86,7 @@ impl Conn {
                 }
             }
             if let Some(p) = permits.next() {
-                p.send(Outbound::Message(frame.clone(), at));
+                p.send(Outbound::Message(delivery.clone()));
                 return true;
             }
         }
@@ -273,10 +282,13 @@ impl Hub {
                 dropped: recipients.len(),
             };
         }
-        let frame: Utf8Bytes = frame::message(channel, payload, false).into();
+        let delivery = Arc::new(Delivery {
+            frame: frame::message(channel, payload, false).into(),
+            at,
+        });
         let mut fanout = Fanout::default();
         for conn in recipients {
-            if conn.offer(&frame, at) {
+            if conn.offer(&delivery) {
                 fanout.queued += 1;
             } else {
                 fanout.dropped += 1;
@@ -307,7 +319,7 @@ mod tests {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
             out.push(match o {
-                Outbound::Message(f, _) => f.to_string(),
+                Outbound::Message(d) => d.frame.to_string(),
                 Outbound::Lagged(n) => format!("lagged {n}"),
             });
         }

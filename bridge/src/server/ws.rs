@@ -89,7 +89,8 @@ pub async fn upgrade(
         .max_frame_size(hard)
         .on_upgrade(move |socket| {
             let tracker = app.tracker.clone();
-            tracker.track_future(connection(socket, app, perms))
+            // Boxed: the socket would otherwise be stored twice in the task.
+            tracker.track_future(connection(Box::new(socket), app, perms))
         })
 }
 
@@ -118,7 +119,9 @@ enum Closing {
     Close(u16, &'static str),
 }
 
-async fn connection(mut socket: WebSocket, app: Arc<App>, perms: Permissions) {
+/// One connection's task. Its future is what every idle connection costs, so
+/// the rarely used, large parts (handling a request) are boxed.
+async fn connection(mut socket: Box<WebSocket>, app: Arc<App>, perms: Permissions) {
     let id = app.next_conn_id();
     let (tx, mut rx) = mpsc::channel(app.outbound_queue);
     let conn = Arc::new(Conn::new(id, tx));
@@ -163,12 +166,12 @@ async fn connection(mut socket: WebSocket, app: Arc<App>, perms: Permissions) {
                     None | Some(Ok(Message::Close(_))) => break Closing::Gone,
                     Some(Err(e)) => break closing_for(e),
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(closing) = s.handle(Some(&text), &mut socket, &mut pending).await {
+                        if let Some(closing) = Box::pin(s.handle(Some(&text), &mut socket, &mut pending)).await {
                             break closing;
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        if let Some(closing) = s.handle(None, &mut socket, &mut pending).await {
+                        if let Some(closing) = Box::pin(s.handle(None, &mut socket, &mut pending)).await {
                             break closing;
                         }
                     }
@@ -231,9 +234,9 @@ async fn write_queued(
     let mut n = 0;
     while let Some(out) = next.take() {
         match out {
-            Outbound::Message(frame, at) => {
-                socket.feed(Message::Text(frame)).await?;
-                sent.push(at);
+            Outbound::Message(delivery) => {
+                socket.feed(Message::Text(delivery.frame.clone())).await?;
+                sent.push(delivery.at);
             }
             Outbound::Lagged(dropped) => {
                 socket

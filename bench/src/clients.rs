@@ -1,0 +1,220 @@
+//! The subscribers: many connections in one tokio runtime.
+//!
+//! * [`BridgeSub`]: a WebSocket client of the bridge's JSON protocol
+//!   (tokio-tungstenite): `subscribe` with an id, wait for the `ack`, then
+//!   read frames.
+//! * [`MqttSub`]: an MQTT 3.1.1 client over WebSocket (rumqttc with
+//!   `Transport::Ws`) for Mosquitto's own WebSocket listener: SUBSCRIBE,
+//!   wait for the SUBACK, then poll PUBLISH packets. The same client over
+//!   plain TCP serves as a reference (Mosquitto without WebSocket).
+//!
+//! Both hand each received payload to a [`Recorder`], which finds the send
+//! timestamp with a substring search (no JSON parse).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode,
+    Transport,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::stats::Recorder;
+
+/// How long one connect + subscribe may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A connected, subscribed bridge WebSocket client.
+pub struct BridgeSub {
+    ws: WebSocketStream<TcpStream>,
+}
+
+impl BridgeSub {
+    /// Connects to `ws://ADDR/ws`, subscribes to `channel` and waits for the
+    /// ack. `read_buffer` is tungstenite's read buffer (small for idle
+    /// connections, larger for fan-out).
+    pub async fn connect(
+        addr: SocketAddr,
+        channel: &str,
+        read_buffer: usize,
+    ) -> Result<BridgeSub, String> {
+        tokio::time::timeout(SETUP_TIMEOUT, Self::setup(addr, channel, read_buffer))
+            .await
+            .map_err(|_| format!("bridge connect + subscribe took over {SETUP_TIMEOUT:?}"))?
+    }
+
+    async fn setup(
+        addr: SocketAddr,
+        channel: &str,
+        read_buffer: usize,
+    ) -> Result<BridgeSub, String> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("TCP connect to {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(read_buffer)
+            .write_buffer_size(0)
+            .max_write_buffer_size(64 * 1024);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+            format!("ws://{addr}/ws"),
+            tcp,
+            Some(config),
+        )
+        .await
+        .map_err(|e| format!("WebSocket handshake with {addr}: {e}"))?;
+        let request = serde_json::json!({"action": "subscribe", "channel": channel, "id": 1});
+        ws.send(Message::Text(request.to_string().into()))
+            .await
+            .map_err(|e| format!("sending subscribe: {e}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let v: serde_json::Value = serde_json::from_str(text.as_str())
+                        .map_err(|e| format!("bad frame {text:?}: {e}"))?;
+                    match v["type"].as_str() {
+                        Some("ack") if v["id"] == 1 => return Ok(BridgeSub { ws }),
+                        Some("error") => return Err(format!("subscribe refused: {text}")),
+                        _ => {}
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("waiting for the ack: {e}")),
+                None => return Err("connection closed before the ack".into()),
+            }
+        }
+    }
+
+    /// Reads frames until the connection ends (or the task is aborted).
+    pub async fn receive(mut self, rec: Recorder) {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => rec.bridge_frame(text.as_bytes()),
+                Some(Ok(Message::Close(frame))) => {
+                    rec.ended(format!("closed by the server: {frame:?}"));
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    rec.ended(format!("read error: {e}"));
+                    return;
+                }
+                None => {
+                    rec.ended("connection closed".into());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Holds the connection open, answering pings, until aborted.
+    pub async fn idle(mut self) {
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
+}
+
+/// How an MQTT subscriber reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttTransport {
+    /// `ws://127.0.0.1:PORT/mqtt`, subprotocol `mqtt`.
+    WebSocket,
+    /// Plain MQTT over TCP.
+    Tcp,
+}
+
+/// A connected, subscribed MQTT client (over WebSocket or TCP).
+pub struct MqttSub {
+    // Kept: dropping the last client handle ends the event loop.
+    _client: AsyncClient,
+    eventloop: EventLoop,
+}
+
+impl MqttSub {
+    /// Connects to 127.0.0.1:`port` (`ws://127.0.0.1:PORT/mqtt` with
+    /// subprotocol `mqtt` over WebSocket), subscribes to `topic` at `qos` and
+    /// waits for the SUBACK.
+    pub async fn connect(
+        transport: MqttTransport,
+        port: u16,
+        id: &str,
+        topic: &str,
+        qos: QoS,
+    ) -> Result<MqttSub, String> {
+        tokio::time::timeout(SETUP_TIMEOUT, Self::setup(transport, port, id, topic, qos))
+            .await
+            .map_err(|_| format!("MQTT connect + subscribe took over {SETUP_TIMEOUT:?}"))?
+    }
+
+    async fn setup(
+        transport: MqttTransport,
+        port: u16,
+        id: &str,
+        topic: &str,
+        qos: QoS,
+    ) -> Result<MqttSub, String> {
+        let mut opts = match transport {
+            MqttTransport::WebSocket => {
+                let mut o = MqttOptions::new(id, format!("ws://127.0.0.1:{port}/mqtt"), port);
+                o.set_transport(Transport::Ws);
+                o
+            }
+            MqttTransport::Tcp => MqttOptions::new(id, "127.0.0.1", port),
+        };
+        opts.set_keep_alive(Duration::from_secs(60));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 4);
+        client
+            .subscribe(topic, qos)
+            .await
+            .map_err(|e| format!("queueing SUBSCRIBE: {e}"))?;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        return Err("SUBSCRIBE refused by the broker".into());
+                    }
+                    return Ok(MqttSub {
+                        _client: client,
+                        eventloop,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("MQTT ({transport:?}) to port {port}: {e}")),
+            }
+        }
+    }
+
+    /// Polls until the connection fails (or the task is aborted). No
+    /// reconnect: a lost connection is a result.
+    pub async fn receive(mut self, rec: Recorder) {
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => rec.message(&p.payload),
+                Ok(_) => {}
+                Err(e) => {
+                    rec.ended(describe(&e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps the session alive (keep-alive pings) until aborted.
+    pub async fn idle(mut self) {
+        while self.eventloop.poll().await.is_ok() {}
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    format!("MQTT connection: {e}")
+}
