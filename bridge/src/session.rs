@@ -162,14 +162,7 @@ pub fn decide_request(
                 );
             }
             if !held.holds(&channel) && held.count() >= policy.max_subscriptions {
-                return refuse_with(
-                    &id,
-                    ErrorCode::TooManySubscriptions,
-                    format!(
-                        "a connection holds at most {} subscriptions",
-                        policy.max_subscriptions
-                    ),
-                );
+                return refuse(too_many_subscriptions(id, policy));
             }
             let mqtt = policy.prefix.to_mqtt(&channel);
             Action::Subscribe {
@@ -214,6 +207,19 @@ pub fn decide_request(
             }
         }
     }
+}
+
+/// The refusal of a subscribe over the per-connection limit; also for stores
+/// that find the limit reached only when they write (two frames racing).
+pub fn too_many_subscriptions(id: Option<Id>, policy: &Policy) -> FrameError {
+    FrameError::new(
+        id,
+        ErrorCode::TooManySubscriptions,
+        format!(
+            "a connection holds at most {} subscriptions",
+            policy.max_subscriptions
+        ),
+    )
 }
 
 /// The deployment-dependent channel rules: reserved names and the prefix.

@@ -253,14 +253,7 @@ impl Handler {
                         }
                         Ok(Subscribed::AlreadyHeld) => {}
                         Ok(Subscribed::TooMany) => {
-                            return Some(frame::error(
-                                req_id.as_ref(),
-                                ErrorCode::TooManySubscriptions,
-                                &format!(
-                                    "a connection holds at most {} subscriptions",
-                                    policy.max_subscriptions
-                                ),
-                            ))
+                            return Some(session::too_many_subscriptions(req_id, policy).to_json())
                         }
                         Ok(Subscribed::Gone) => {
                             return Some(frame::error(
