@@ -32,7 +32,7 @@ pub enum ClientError {
     Io(String),
 }
 
-type Socket =
+pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// `ws://host:port` means `ws://host:port/ws`.
@@ -46,7 +46,8 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-async fn connect(url: &str, token: Option<&str>) -> Result<Socket, ClientError> {
+/// Opens a WebSocket to the bridge, with the token as a Bearer header.
+pub async fn connect(url: &str, token: Option<&str>) -> Result<Socket, ClientError> {
     let url = normalize_url(url);
     let mut request = url
         .as_str()

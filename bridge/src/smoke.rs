@@ -16,10 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::client::{ClientError, Socket};
 use crate::frame::json_string;
 
 /// `bridge smoke` flags.
@@ -70,9 +69,6 @@ pub struct SmokeArgs {
     pub timeout: u64,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 fn nonce() -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -89,39 +85,19 @@ fn ok(what: &str, since: Instant) {
     println!("smoke:   ok: {what} ({} ms)", since.elapsed().as_millis());
 }
 
-fn system_ca_bundle() -> Option<Vec<u8>> {
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/cert.pem",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-}
-
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
 }
 
 async fn ws_connect(url: &str, token: Option<&str>) -> Result<Socket, String> {
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| format!("bad URL {url:?}: {e}"))?;
-    if let Some(token) = token {
-        let value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| "BRIDGE_TOKEN is not a valid header value".to_string())?;
-        request.headers_mut().insert("authorization", value);
-    }
-    let (socket, _) = tokio_tungstenite::connect_async(request)
+    crate::client::connect(url, token)
         .await
         .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => format!(
-                "the WebSocket handshake was refused: HTTP {} (is BRIDGE_TOKEN set and valid?)",
-                resp.status()
-            ),
+            ClientError::Connect(m) if m.starts_with("HTTP 401") || m.starts_with("HTTP 403") => {
+                format!("the WebSocket handshake was refused: {m} (is BRIDGE_TOKEN set and valid?)")
+            }
             other => format!("cannot connect the WebSocket: {other}"),
-        })?;
-    Ok(socket)
+        })
 }
 
 /// Reads WebSocket frames until `want` accepts one; error frames for `id` fail.
@@ -221,7 +197,9 @@ pub async fn run(args: SmokeArgs) -> Result<(), String> {
     ));
     let ca = match &args.ca {
         Some(p) => read(p, "CA bundle")?,
-        None => system_ca_bundle().ok_or("no system CA bundle found; pass --ca")?,
+        None => {
+            crate::server::mqtt::system_ca_bundle().ok_or("no system CA bundle found; pass --ca")?
+        }
     };
     let client_auth = Some((read(&args.cert, "certificate")?, read(&args.key, "key")?));
     let mut opts = MqttOptions::new(client_id, args.iot_endpoint.clone(), args.port);

@@ -201,17 +201,8 @@ fn keypair(dir: &std::path::Path, alg: Algorithm, kid: &str) -> (EncodingKey, Jw
         ],
         _ => unreachable!(),
     };
-    let out = Command::new("openssl")
-        .args(gen)
-        .arg("-out")
-        .arg(&pem)
-        .output()
-        .expect("openssl (Debian package openssl) is needed to make test keys");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pem_name = format!("{kid}.pem");
+    tests::openssl(dir, &[&gen[..], &["-out", &pem_name]].concat());
     let bytes = std::fs::read(&pem).unwrap();
     let key = match alg {
         Algorithm::RS256 => EncodingKey::from_rsa_pem(&bytes).unwrap(),

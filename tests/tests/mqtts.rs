@@ -5,89 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use tests::{bridge_bin, free_port, Bridge, Client, Opts};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl (Debian package openssl) is needed to make test certificates");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost and a client certificate.
-fn pki(dir: &Path) {
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("client.ext"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    for (name, cn) in [("server", "localhost"), ("client", "bridge-device")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.pem"),
-            ],
-        );
-    }
-}
+use tests::{bridge_bin, free_port, make_pki, Bridge, Client, Opts};
 
 struct TlsMosquitto {
     port: u16,
@@ -135,7 +53,7 @@ fn tls_mosquitto(dir: &Path) -> TlsMosquitto {
 async fn mqtts_with_client_certificate_and_smoke() {
     let dir: PathBuf = std::env::temp_dir().join(format!("bridge-mqtts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    pki(&dir);
+    make_pki(&dir);
     let broker = tls_mosquitto(&dir);
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let bridge = Bridge::spawn_with(

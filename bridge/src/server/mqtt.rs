@@ -230,7 +230,8 @@ pub fn mqtt_options(
     Ok(opts)
 }
 
-fn system_ca_bundle() -> Option<Vec<u8>> {
+/// The system's CA bundle (Debian/Ubuntu, Amazon Linux/RHEL, Alpine paths).
+pub fn system_ca_bundle() -> Option<Vec<u8>> {
     [
         "/etc/ssl/certs/ca-certificates.crt",
         "/etc/pki/tls/certs/ca-bundle.crt",
