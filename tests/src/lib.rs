@@ -17,6 +17,19 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Makes a child die with the test process (a killed or timed-out test run
+/// must not leave brokers and bridges behind).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a test watches for something that should not happen.
@@ -105,7 +118,7 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let child = Command::new(mosquitto_bin())
+        let child = die_with_parent(&mut Command::new(mosquitto_bin()))
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -207,6 +220,7 @@ impl Bridge {
 
     fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
         let mut cmd = Command::new(bridge_bin());
+        die_with_parent(&mut cmd);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(&opts.args);
