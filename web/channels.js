@@ -33,13 +33,18 @@
       this.onstatus = options.onstatus || function () {};
       this.onlagged = options.onlagged || function () {};
       this.onerror = options.onerror || function () {};
+      this._notReady();
       this._open();
+    }
+
+    /** Requests made while disconnected wait for the next open. */
+    _notReady() {
+      this.ready = new Promise((resolve) => { this._resolveReady = resolve; });
     }
 
     _open() {
       const ws = new WebSocket(this.url);
       this.ws = ws;
-      this.ready = new Promise((resolve) => { this._resolveReady = resolve; });
       ws.onopen = () => {
         this.backoff = 500;
         this.onstatus("open");
@@ -54,6 +59,7 @@
         clearInterval(this.pinger);
         for (const [, p] of this.pending) p.reject(new ChannelError("unavailable", "connection closed"));
         this.pending.clear();
+        this._notReady();
         if (this.closed) return;
         this.onstatus("reconnecting");
         setTimeout(() => this._open(), this.backoff);

@@ -11,6 +11,7 @@
 
 pub mod broker;
 pub mod hub;
+pub mod linger;
 pub mod metrics;
 pub mod mqtt;
 pub mod retained;
@@ -239,12 +240,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
                 .await
         }
         None => {
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                // Frames are small and latency matters: no Nagle delay.
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router)
+            axum::serve(linger::LingerListener(listener), router)
                 .with_graceful_shutdown(stopped)
                 .await
         }
