@@ -77,6 +77,28 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Socket, ClientErr
     Ok(socket)
 }
 
+/// How long `bridge sub` and `bridge pub` wait for the server's reply.
+const REPLY_WAIT: Duration = Duration::from_secs(15);
+
+/// Sends a request frame and reads frames until the reply to its `id` (an
+/// ack is `Ok`, an error frame is [`ClientError::Refused`]), within `limit`.
+/// Other frames read meanwhile go to `on_other`.
+pub async fn request(
+    socket: &mut Socket,
+    frame: String,
+    id: &str,
+    limit: Duration,
+    on_other: impl FnMut(&str, &Value),
+) -> Result<(), ClientError> {
+    socket
+        .send(Message::text(frame))
+        .await
+        .map_err(|e| ClientError::Io(e.to_string()))?;
+    tokio::time::timeout(limit, await_reply(socket, id, on_other))
+        .await
+        .map_err(|_| ClientError::Timeout(limit))?
+}
+
 /// Reads frames until the reply to request `id` (an ack or an error).
 async fn await_reply(
     socket: &mut Socket,
@@ -113,14 +135,10 @@ pub async fn sub(
     token: Option<&str>,
 ) -> Result<(), ClientError> {
     let mut socket = connect(url, token).await?;
-    let request = format!(
+    let request_frame = format!(
         r#"{{"action":"subscribe","channel":{},"id":"sub","retained":{retained}}}"#,
         json_string(channel)
     );
-    socket
-        .send(Message::text(request))
-        .await
-        .map_err(|e| ClientError::Io(e.to_string()))?;
     let seen = std::cell::Cell::new(0u64);
     let print = |text: &str, v: &Value| match v["type"].as_str() {
         Some("message") => {
@@ -133,12 +151,7 @@ pub async fn sub(
         ),
         _ => {}
     };
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        await_reply(&mut socket, "sub", print),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout(Duration::from_secs(15)))??;
+    request(&mut socket, request_frame, "sub", REPLY_WAIT, print).await?;
     eprintln!("bridge: subscribed to {channel}");
     let mut ping = tokio::time::interval(Duration::from_secs(240));
     loop {
@@ -184,21 +197,12 @@ pub async fn publish(
         None => (json_string(data), "text"),
         Some(e) => (json_string(data), e),
     };
-    let request = format!(
+    let frame = format!(
         r#"{{"action":"publish","channel":{},"data":{data},"encoding":"{encoding}","qos":{qos},"retain":{retain},"id":"pub"}}"#,
         json_string(channel)
     );
     let mut socket = connect(url, token).await?;
-    socket
-        .send(Message::text(request))
-        .await
-        .map_err(|e| ClientError::Io(e.to_string()))?;
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        await_reply(&mut socket, "pub", |_, _| {}),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout(Duration::from_secs(15)))??;
+    request(&mut socket, frame, "pub", REPLY_WAIT, |_, _| {}).await?;
     let _ = socket.close(None).await;
     Ok(())
 }

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -100,10 +100,28 @@ async fn ws_connect(url: &str, token: Option<&str>) -> Result<Socket, String> {
         })
 }
 
-/// Reads WebSocket frames until `want` accepts one; error frames for `id` fail.
+/// Sends a request and waits for its ack; an error frame for it fails.
+async fn ws_request(
+    socket: &mut Socket,
+    frame: String,
+    id: &str,
+    limit: Duration,
+) -> Result<(), String> {
+    crate::client::request(socket, frame, id, limit, |_, _| {})
+        .await
+        .map_err(|e| match e {
+            ClientError::Refused { code, message } => {
+                format!("the bridge answered {code}: {message}")
+            }
+            ClientError::Timeout(_) => format!("no answer on the WebSocket within {limit:?}"),
+            ClientError::Closed => "the WebSocket was closed".into(),
+            other => format!("WebSocket error: {other}"),
+        })
+}
+
+/// Reads WebSocket frames until `want` accepts one.
 async fn ws_until(
     socket: &mut Socket,
-    id: Option<&str>,
     limit: Duration,
     mut want: impl FnMut(&Value) -> bool,
 ) -> Result<Value, String> {
@@ -121,13 +139,6 @@ async fn ws_until(
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             return Err(format!("the server sent a frame that is not JSON: {text}"));
         };
-        if v["type"] == "error" && id.is_some() && v["id"].as_str() == id {
-            return Err(format!(
-                "the bridge answered {}: {}",
-                v["code"].as_str().unwrap_or("?"),
-                v["message"].as_str().unwrap_or("")
-            ));
-        }
         if want(&v) {
             return Ok(v);
         }
@@ -242,13 +253,7 @@ pub async fn run(args: SmokeArgs) -> Result<(), String> {
             r#"{{"action":"subscribe","channel":{},"id":"smoke-sub"}}"#,
             json_string(&from_device)
         );
-        ws.send(Message::text(sub))
-            .await
-            .map_err(|e| format!("WebSocket send failed: {e}"))?;
-        ws_until(&mut ws, Some("smoke-sub"), limit, |v| {
-            v["type"] == "ack" && v["id"] == "smoke-sub"
-        })
-        .await?;
+        ws_request(&mut ws, sub, "smoke-sub", limit).await?;
         ok("subscribed", t);
 
         let t = Instant::now();
@@ -263,7 +268,7 @@ pub async fn run(args: SmokeArgs) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("MQTT publish failed: {e}"))?;
-        ws_until(&mut ws, None, limit, |v| {
+        ws_until(&mut ws, limit, |v| {
             v["type"] == "message"
                 && v["channel"].as_str() == Some(from_device.as_str())
                 && v["data"]["smoke"].as_str() == Some(device_nonce.as_str())
@@ -292,13 +297,7 @@ pub async fn run(args: SmokeArgs) -> Result<(), String> {
             r#"{{"action":"publish","channel":{},"data":{{"smoke":"{web_nonce}"}},"id":"smoke-pub"}}"#,
             json_string(&from_web)
         );
-        ws.send(Message::text(publish))
-            .await
-            .map_err(|e| format!("WebSocket send failed: {e}"))?;
-        ws_until(&mut ws, Some("smoke-pub"), limit, |v| {
-            v["type"] == "ack" && v["id"] == "smoke-pub"
-        })
-        .await?;
+        ws_request(&mut ws, publish, "smoke-pub", limit).await?;
         let expected = format!(r#"{{"smoke":"{web_nonce}"}}"#);
         mqtt_until(&mut events, limit, |e| match e {
             Event::Incoming(Incoming::Publish(p)) => {
