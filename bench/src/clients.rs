@@ -26,9 +26,6 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::stats::Recorder;
 
-/// How long one connect + subscribe may take.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// A connected, subscribed bridge WebSocket client.
 pub struct BridgeSub {
     ws: WebSocketStream<TcpStream>,
@@ -39,16 +36,6 @@ impl BridgeSub {
     /// ack. `read_buffer` is tungstenite's read buffer (small for idle
     /// connections, larger for fan-out).
     pub async fn connect(
-        addr: SocketAddr,
-        channel: &str,
-        read_buffer: usize,
-    ) -> Result<BridgeSub, String> {
-        tokio::time::timeout(SETUP_TIMEOUT, Self::setup(addr, channel, read_buffer))
-            .await
-            .map_err(|_| format!("bridge connect + subscribe took over {SETUP_TIMEOUT:?}"))?
-    }
-
-    async fn setup(
         addr: SocketAddr,
         channel: &str,
         read_buffer: usize,
@@ -139,18 +126,6 @@ impl MqttSub {
     /// subprotocol `mqtt` over WebSocket), subscribes to `topic` at `qos` and
     /// waits for the SUBACK.
     pub async fn connect(
-        transport: MqttTransport,
-        port: u16,
-        id: &str,
-        topic: &str,
-        qos: QoS,
-    ) -> Result<MqttSub, String> {
-        tokio::time::timeout(SETUP_TIMEOUT, Self::setup(transport, port, id, topic, qos))
-            .await
-            .map_err(|_| format!("MQTT connect + subscribe took over {SETUP_TIMEOUT:?}"))?
-    }
-
-    async fn setup(
         transport: MqttTransport,
         port: u16,
         id: &str,

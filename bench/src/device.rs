@@ -53,7 +53,6 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
 pub struct Published {
     pub count: u64,
     pub first_us: u64,
-    pub last_us: u64,
     pub elapsed: Duration,
 }
 
@@ -166,7 +165,9 @@ impl Device {
                         let published = publish_phase(&client, &cfg, &clock, &phase).await;
                         let _ = phase.reply.send(published);
                     }
-                    let _ = client.disconnect().await;
+                    // Not `disconnect().await`: with the broker gone the
+                    // request channel may be full and never drained.
+                    let _ = client.try_disconnect();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 });
             })
@@ -227,6 +228,7 @@ async fn publish_phase(
     phase: &Phase,
 ) -> Published {
     let start = Instant::now();
+    let end = tokio::time::Instant::from_std(start + phase.duration);
     let mut out = Published::default();
     let mut seq: u64 = 0;
     loop {
@@ -240,7 +242,8 @@ async fn publish_phase(
         };
         // A broker that acknowledges slowly (QoS 1) holds `publish` back:
         // the deadline is checked per message, and what could not be sent
-        // in time is not sent late.
+        // in time is not sent late. A broker that died holds it back for
+        // good (the event loop stops taking requests): the phase ends then.
         while seq < due && start.elapsed() < phase.duration {
             let ts_us = clock.now_us();
             let body = payload::encode(
@@ -251,18 +254,18 @@ async fn publish_phase(
                 },
                 cfg.payload_size,
             );
-            if client
-                .publish(cfg.topic.as_str(), cfg.qos, false, body)
-                .await
-                .is_err()
-            {
+            let sent = tokio::time::timeout_at(
+                end,
+                client.publish(cfg.topic.as_str(), cfg.qos, false, body),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
                 out.elapsed = start.elapsed();
                 return out;
             }
             if out.count == 0 {
                 out.first_us = ts_us;
             }
-            out.last_us = ts_us;
             out.count += 1;
             seq += 1;
         }

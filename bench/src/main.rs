@@ -73,6 +73,19 @@ impl Target {
         }
     }
 
+    /// Runs `bridge serve`.
+    fn needs_bridge(self) -> bool {
+        matches!(self, Target::Bridge | Target::BridgeMosquitto)
+    }
+
+    /// Runs a Mosquitto (as the bridge's broker or as the server measured).
+    fn needs_mosquitto(self) -> bool {
+        matches!(
+            self,
+            Target::BridgeMosquitto | Target::Mosquitto | Target::MosquittoTcp
+        )
+    }
+
     fn tag(self) -> &'static str {
         match self {
             Target::Bridge => "bridge",
@@ -363,14 +376,11 @@ struct IdleRow {
 }
 
 async fn run(opts: Opts, keep_logs: bool) -> Result<(), String> {
-    if opts
-        .targets
-        .iter()
-        .any(|t| matches!(t, Target::Bridge | Target::BridgeMosquitto))
-    {
+    // Checked here once for every server started below.
+    if opts.targets.iter().any(|t| t.needs_bridge()) {
         procs::check_executable(&opts.bridge, "the bridge binary", procs::BRIDGE_HINT)?;
     }
-    if opts.targets.iter().any(|t| *t != Target::Bridge) {
+    if opts.targets.iter().any(|t| t.needs_mosquitto()) {
         procs::check_executable(&opts.mosquitto, "mosquitto", procs::MOSQUITTO_HINT)?;
     }
     let fd_limit = procs::raise_fd_limit();
@@ -388,11 +398,16 @@ async fn run(opts: Opts, keep_logs: bool) -> Result<(), String> {
     }
     let mut dir = TempDir::new()?;
     dir.keep = keep_logs;
-    let needed = if opts.scenarios.contains(&Scenario::Idle) {
-        opts.idle_connections
-    } else {
-        opts.subscribers
-    };
+    // Scenarios run one after the other: the largest one counts.
+    let needed = opts
+        .scenarios
+        .iter()
+        .map(|s| match s {
+            Scenario::Fanout => opts.subscribers,
+            Scenario::Idle => opts.idle_connections,
+        })
+        .max()
+        .unwrap_or(0);
     eprintln!(
         "bench: file limit {fd_limit}; logs in {}{}",
         dir.path.display(),
@@ -463,66 +478,49 @@ impl Servers {
         tag: &str,
     ) -> Result<Servers, String> {
         let tag = format!("{}-{tag}", target.tag());
-        match target {
-            Target::Bridge => {
-                let port = procs::free_port()?;
-                let (proc, addr) = procs::start_bridge(
-                    &opts.bridge,
-                    &BrokerMode::Embedded(port),
-                    opts.outbound_queue,
-                    &opts.bridge_log,
-                    &dir.path,
-                    &tag,
-                )?;
-                // The bridge prints its line once its own MQTT link is in:
-                // the embedded broker is up.
-                Ok(Servers {
-                    bridge: Some((proc, addr)),
-                    mosquitto: None,
-                    broker_port: port,
-                })
-            }
-            Target::BridgeMosquitto => {
-                let (mproc, ports) = procs::start_mosquitto(
-                    &opts.mosquitto,
-                    false,
-                    opts.outbound_queue,
-                    &dir.path,
-                    &tag,
-                )
-                .await?;
-                let broker_port = ports.mqtt;
-                let (bproc, addr) = procs::start_bridge(
-                    &opts.bridge,
-                    &BrokerMode::External(broker_port),
-                    opts.outbound_queue,
-                    &opts.bridge_log,
-                    &dir.path,
-                    &tag,
-                )?;
-                Ok(Servers {
-                    bridge: Some((bproc, addr)),
-                    mosquitto: Some((mproc, ports)),
-                    broker_port,
-                })
-            }
-            Target::Mosquitto | Target::MosquittoTcp => {
-                let (mproc, ports) = procs::start_mosquitto(
+        // Mosquitto first: it is the bridge's broker when both run.
+        let mosquitto = if target.needs_mosquitto() {
+            Some(
+                procs::start_mosquitto(
                     &opts.mosquitto,
                     target == Target::Mosquitto,
                     opts.outbound_queue,
                     &dir.path,
                     &tag,
                 )
-                .await?;
-                let broker_port = ports.mqtt;
-                Ok(Servers {
-                    bridge: None,
-                    mosquitto: Some((mproc, ports)),
-                    broker_port,
-                })
-            }
-        }
+                .await?,
+            )
+        } else {
+            None
+        };
+        let broker_port = match &mosquitto {
+            Some((_, ports)) => ports.mqtt,
+            None => procs::free_port()?,
+        };
+        // The bridge prints its listening line once its own MQTT link is in:
+        // with the embedded broker, the broker is up then.
+        let bridge = if target.needs_bridge() {
+            let broker = if mosquitto.is_some() {
+                BrokerMode::External(broker_port)
+            } else {
+                BrokerMode::Embedded(broker_port)
+            };
+            Some(procs::start_bridge(
+                &opts.bridge,
+                &broker,
+                opts.outbound_queue,
+                &opts.bridge_log,
+                &dir.path,
+                &tag,
+            )?)
+        } else {
+            None
+        };
+        Ok(Servers {
+            bridge,
+            mosquitto,
+            broker_port,
+        })
     }
 
     fn procs(&self) -> Vec<&Proc> {
@@ -566,8 +564,12 @@ impl Servers {
     }
 }
 
+/// How long one connect + subscribe may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Opens `n` connections, `concurrency` at a time. `connect(i)` connects and
-/// subscribes, and returns the future that then runs the connection.
+/// subscribes (within [`SETUP_TIMEOUT`] from taking its turn), and returns
+/// the future that then runs the connection.
 /// Returns the running tasks, how many connected and the first error.
 async fn open_many<F, Fut, R>(
     n: usize,
@@ -589,7 +591,12 @@ where
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
-            match fut.await {
+            let connected = tokio::time::timeout(SETUP_TIMEOUT, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!("connect + subscribe took over {SETUP_TIMEOUT:?}"))
+                });
+            match connected {
                 Ok(run) => {
                     drop(permit);
                     let _ = tx.send(Ok(()));
@@ -1164,12 +1171,7 @@ fn report(
     let _ = writeln!(out, "\n# Channel bridge benchmark\n");
     let _ = writeln!(out, "Command: `{}`  ", args.join(" "));
     let _ = writeln!(out, "Machine: {}  ", machine());
-    let uses_bridge = opts
-        .targets
-        .iter()
-        .any(|t| matches!(t, Target::Bridge | Target::BridgeMosquitto));
-    let uses_mosquitto = opts.targets.iter().any(|t| *t != Target::Bridge);
-    if uses_bridge {
+    if opts.targets.iter().any(|t| t.needs_bridge()) {
         let _ = writeln!(
             out,
             "Bridge: {} ({})  ",
@@ -1177,7 +1179,7 @@ fn report(
             version(&opts.bridge, "--version")
         );
     }
-    if uses_mosquitto {
+    if opts.targets.iter().any(|t| t.needs_mosquitto()) {
         let _ = writeln!(
             out,
             "Mosquitto: {} ({})  ",

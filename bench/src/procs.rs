@@ -211,7 +211,8 @@ pub enum BrokerMode {
     External(u16),
 }
 
-/// Starts `bridge serve` and waits for its "listening" line.
+/// Starts `bridge serve` and waits for its "listening" line. The caller has
+/// checked `bin` with [`check_executable`].
 pub fn start_bridge(
     bin: &Path,
     broker: &BrokerMode,
@@ -220,7 +221,6 @@ pub fn start_bridge(
     dir: &Path,
     tag: &str,
 ) -> Result<(Proc, SocketAddr), String> {
-    check_executable(bin, "the bridge binary", BRIDGE_HINT)?;
     let log = dir.join(format!("bridge-{tag}.log"));
     let stderr = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut cmd = Command::new(bin);
@@ -235,6 +235,13 @@ pub fn start_bridge(
         }
         BrokerMode::External(port) => {
             cmd.args(["--mqtt-url", &format!("mqtt://127.0.0.1:{port}")]);
+        }
+    }
+    // The bridge reads its settings from `BRIDGE_*` too: none of the
+    // caller's (a config file, auth, TLS) may change what is measured.
+    for (key, _) in std::env::vars_os() {
+        if key.as_encoded_bytes().starts_with(b"BRIDGE_") {
+            cmd.env_remove(key);
         }
     }
     cmd.env("RUST_LOG", log_filter)
@@ -298,7 +305,8 @@ pub struct MosquittoPorts {
 }
 
 /// Starts Mosquitto from a config file in `dir`: an MQTT listener and, with
-/// `websockets`, its own WebSocket listener, both on 127.0.0.1 only.
+/// `websockets`, its own WebSocket listener, both on 127.0.0.1 only. The
+/// caller has checked `bin` with [`check_executable`].
 pub async fn start_mosquitto(
     bin: &Path,
     websockets: bool,
@@ -306,7 +314,6 @@ pub async fn start_mosquitto(
     dir: &Path,
     tag: &str,
 ) -> Result<(Proc, MosquittoPorts), String> {
-    check_executable(bin, "mosquitto", MOSQUITTO_HINT)?;
     let mqtt = free_port()?;
     let ws = if websockets {
         let mut p = free_port()?;

@@ -14,7 +14,6 @@
 //! idle clients (whose server pings them).
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,8 +24,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::stats::Recorder;
-
-const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 enum Conn {
     Ws(Box<WebSocketStream<TcpStream>>),
@@ -44,22 +41,6 @@ impl RawMqttSub {
     /// Connects to 127.0.0.1:`port` (over WebSocket when `websocket`),
     /// subscribes to `topic` at `qos` (0 or 1) and waits for the SUBACK.
     pub async fn connect(
-        websocket: bool,
-        port: u16,
-        id: &str,
-        topic: &str,
-        qos: u8,
-        read_buffer: usize,
-    ) -> Result<RawMqttSub, String> {
-        tokio::time::timeout(
-            SETUP_TIMEOUT,
-            Self::setup(websocket, port, id, topic, qos, read_buffer),
-        )
-        .await
-        .map_err(|_| format!("MQTT connect + subscribe took over {SETUP_TIMEOUT:?}"))?
-    }
-
-    async fn setup(
         websocket: bool,
         port: u16,
         id: &str,
@@ -138,11 +119,12 @@ impl RawMqttSub {
                 }
             },
             Conn::Tcp(tcp) => {
-                let len = self.buf.len();
-                self.buf.resize(len + 16 * 1024, 0);
-                let n = tcp.read(&mut self.buf[len..]).await;
-                let n = n.map_err(|e| format!("read: {e}"))?;
-                self.buf.truncate(len + n);
+                // Room for 16 KiB, read into it without zero-filling.
+                self.buf.reserve(16 * 1024);
+                let n = tcp
+                    .read_buf(&mut self.buf)
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
                 if n == 0 {
                     return Err("connection closed".into());
                 }

@@ -22,7 +22,6 @@ const MAX_LATENCY_US: u64 = 60_000_000;
 pub struct PhaseStats {
     pub received: u64,
     pub hist: Option<Histogram<u32>>,
-    pub first_us: u64,
     pub last_us: u64,
     /// `lagged` frames (bridge only) and the messages they say were dropped.
     pub lagged_frames: u64,
@@ -102,9 +101,6 @@ impl Recorder {
         let mut stats = self.lock();
         let p = stats.phase(stamp.run as usize);
         p.received += 1;
-        if p.first_us == 0 {
-            p.first_us = now;
-        }
         p.last_us = now;
         if p.last_seq.is_some_and(|last| stamp.seq <= last) {
             p.reordered += 1;
@@ -152,8 +148,7 @@ impl Recorder {
 pub struct Summary {
     pub received: u64,
     pub hist: Histogram<u64>,
-    /// Earliest first and latest last receive time (µs on the bench clock).
-    pub first_us: u64,
+    /// Latest receive time (µs on the bench clock).
     pub last_us: u64,
     pub lagged_frames: u64,
     pub lagged_dropped: u64,
@@ -177,7 +172,6 @@ pub fn summarize(recorders: &[Recorder], run: u32) -> Summary {
     let mut s = Summary {
         received: 0,
         hist: Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("valid histogram bounds"),
-        first_us: u64::MAX,
         last_us: 0,
         lagged_frames: 0,
         lagged_dropped: 0,
@@ -206,10 +200,7 @@ pub fn summarize(recorders: &[Recorder], run: u32) -> Summary {
         s.lagged_frames += p.lagged_frames;
         s.lagged_dropped += p.lagged_dropped;
         s.reordered += p.reordered;
-        if p.received > 0 {
-            s.first_us = s.first_us.min(p.first_us);
-            s.last_us = s.last_us.max(p.last_us);
-        }
+        s.last_us = s.last_us.max(p.last_us);
         if let Some(h) = &p.hist {
             for v in h.iter_recorded() {
                 s.hist
