@@ -25,6 +25,21 @@ pub enum AuthError {
     UnknownKey,
 }
 
+/// The token a handshake presents: `?token=` when given and not empty (what
+/// browsers can send), else an `Authorization: Bearer` header's. Both
+/// deployments take it this way.
+pub fn presented<'a>(
+    query_token: Option<&'a str>,
+    authorization: Option<&'a str>,
+) -> Option<&'a str> {
+    if let Some(t) = query_token.filter(|t| !t.is_empty()) {
+        return Some(t);
+    }
+    let (scheme, token) = authorization?.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Claim checks besides the signature.
 #[derive(Debug, Clone, Default)]
 pub struct AuthSettings {
@@ -224,6 +239,16 @@ mod tests {
         assert!(v.verify(&good).is_ok());
         let bad = token(b"k", json!({"exp":now()+60,"iss":"you","aud":"bridge"}));
         assert!(v.verify(&bad).is_err());
+    }
+
+    #[test]
+    fn presented_token() {
+        assert_eq!(presented(Some("q"), Some("Bearer h")), Some("q"));
+        assert_eq!(presented(Some(""), Some("Bearer h")), Some("h"));
+        assert_eq!(presented(None, Some("bearer  h ")), Some("h"));
+        assert_eq!(presented(None, Some("Basic h")), None);
+        assert_eq!(presented(None, Some("Bearer ")), None);
+        assert_eq!(presented(None, None), None);
     }
 
     #[test]

@@ -111,6 +111,12 @@ pub fn validate_filter(filter: &str) -> Result<(), ChannelError> {
     Ok(())
 }
 
+/// Whether a valid filter has a wildcard level (`+` or `#`), so that it may
+/// match more than one topic.
+pub fn has_wildcards(filter: &str) -> bool {
+    filter.split('/').any(|level| level == "+" || level == "#")
+}
+
 /// A name starting with `$` (`$SYS/...`, `$aws/...`) is reserved.
 pub fn is_reserved(name: &str) -> bool {
     name.starts_with('$')
@@ -290,7 +296,9 @@ mod tests {
     fn filters() {
         for ok in ["#", "+", "a/#", "+/+/t", "a/+/#", "$SYS/#"] {
             assert!(validate_filter(ok).is_ok(), "{ok}");
+            assert!(has_wildcards(ok), "{ok}");
         }
+        assert!(!has_wildcards("a/b"));
         assert_eq!(validate_filter("a/#/b"), Err(ChannelError::HashNotLast));
         assert_eq!(validate_filter("a/b#"), Err(ChannelError::BadWildcard));
         assert_eq!(validate_filter("a+/b"), Err(ChannelError::BadWildcard));

@@ -22,7 +22,6 @@ use aws_lambda_events::apigw::{
 };
 use aws_lambda_events::iam::{IamPolicyEffect, IamPolicyStatement};
 use bridge::auth::{AuthError, AuthSettings, Verifier};
-use jsonwebtoken::jwk::JwkSet;
 use serde_json::{Map, Value};
 
 use crate::config::{AuthorizerConfig, KeySource};
@@ -87,18 +86,13 @@ impl std::fmt::Debug for Authorizer {
 
 /// The token of a `$connect` request: `?token=` first, then the header.
 pub fn token(event: &ApiGatewayCustomAuthorizerRequestTypeRequest) -> Option<String> {
-    if let Some(t) = event.query_string_parameters.first("token") {
-        if !t.is_empty() {
-            return Some(t.to_string());
-        }
-    }
-    let header = event
+    let authorization = event
         .headers
         .get(http::header::AUTHORIZATION)
-        .or_else(|| event.multi_value_headers.get(http::header::AUTHORIZATION))?;
-    let (scheme, t) = header.to_str().ok()?.split_once(' ')?;
-    let t = t.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then(|| t.to_string())
+        .or_else(|| event.multi_value_headers.get(http::header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok());
+    bridge::auth::presented(event.query_string_parameters.first("token"), authorization)
+        .map(str::to_string)
 }
 
 fn policy(effect: IamPolicyEffect, resource: &str) -> ApiGatewayCustomAuthorizerPolicy {
@@ -186,9 +180,7 @@ impl Authorizer {
             return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
         let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
-        let set: JwkSet = serde_json::from_str(&body)
-            .map_err(|e| format!("{url} is not a JWKS document: {e}"))?;
-        Verifier::from_jwk_set(&set, self.settings.clone()).map_err(|e| format!("{url}: {e}"))
+        Verifier::from_jwks_json(&body, self.settings.clone()).map_err(|e| format!("{url}: {e}"))
     }
 
     /// The verifier to use; `refresh` asks for a fresh key set (an unknown key).

@@ -41,11 +41,12 @@ impl Calls {
 
     /// Requests made to one service so far.
     pub fn total(&self, service: &str) -> u64 {
-        self.snapshot()
-            .iter()
-            .filter(|((s, _), _)| s == service)
-            .map(|(_, n)| n)
-            .sum()
+        self.counts.lock().map_or(0, |c| {
+            c.iter()
+                .filter(|((s, _), _)| s == service)
+                .map(|(_, n)| n)
+                .sum()
+        })
     }
 
     /// The interceptor to install on a client.

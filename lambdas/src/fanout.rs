@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
-use bridge::channel::{self, Prefix};
+use bridge::channel;
 use bridge::frame;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -107,10 +107,6 @@ impl Fanout {
             calls,
             registry: tokio::sync::Mutex::new(None),
         }
-    }
-
-    pub fn prefix(&self) -> &Prefix {
-        &self.config.prefix
     }
 
     /// The wildcard filters in use, re-read only when the version moved.
@@ -192,18 +188,6 @@ impl Fanout {
             report.refused = Some(reason);
             return Ok(());
         }
-        let message = frame::message(name, &payload, false);
-        if message.len() > MAX_POST_BYTES {
-            let reason = format!(
-                "the message frame is {} bytes; API Gateway takes at most {MAX_POST_BYTES}",
-                message.len()
-            );
-            tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
-            report.refused = Some(reason);
-            return Ok(());
-        }
-        let message = Bytes::from(message);
-
         let now = crate::now_secs();
         let wildcards = self.wildcards(now).await?;
         let mut filters = vec![event.topic.clone()];
@@ -223,6 +207,18 @@ impl Fanout {
         if recipients.is_empty() {
             return Ok(());
         }
+        // Built once for every recipient, and only when there is one.
+        let message = frame::message(name, &payload, false);
+        if message.len() > MAX_POST_BYTES {
+            let reason = format!(
+                "the message frame is {} bytes; API Gateway takes at most {MAX_POST_BYTES}",
+                message.len()
+            );
+            tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
+            report.refused = Some(reason);
+            return Ok(());
+        }
+        let message = Bytes::from(message);
 
         let outcomes = self
             .sender

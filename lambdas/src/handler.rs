@@ -27,7 +27,7 @@ use http::{HeaderMap, HeaderValue};
 use crate::config::HandlerConfig;
 use crate::iot::{Iot, IotError};
 use crate::sender::{Outcome, Sender};
-use crate::store::{self, Store, StoreError, Subscribed};
+use crate::store::{Store, StoreError, Subscribed};
 
 /// Retained messages posted at once for one subscribe.
 const RETAINED_POSTS: usize = 16;
@@ -204,17 +204,11 @@ impl Handler {
         let now = crate::now_secs();
         let conn = match self.store.load_connection(id, now).await {
             Ok(Some(conn)) => conn,
-            Ok(None) => {
-                return Some(frame::error(
-                    req_id.as_ref(),
-                    ErrorCode::Unavailable,
-                    "this connection is no longer registered; reconnect",
-                ))
-            }
+            Ok(None) => return Some(not_registered(req_id.as_ref())),
             Err(e) => return Some(store_failed(req_id.as_ref(), id, &e)),
         };
-        let held = conn.held_set();
-        let action = session::decide_request(req_id, request, &conn.perms, &held, policy);
+        let held = &conn.held;
+        let action = session::decide_request(req_id, request, &conn.perms, held, policy);
         let ack = action.ack();
         match action {
             Action::Reply(reply) => reply,
@@ -225,8 +219,10 @@ impl Handler {
                 mqtt,
                 retained,
             } => {
-                let fresh = !held.contains(&channel);
-                if fresh {
+                // Whether this frame added the subscription (and so takes it
+                // back if the retained replay fails).
+                let mut added = false;
+                if !held.contains(&channel) {
                     let outcome = self
                         .store
                         .subscribe(
@@ -236,38 +232,22 @@ impl Handler {
                             conn.expires,
                             policy.max_subscriptions,
                             now,
+                            self.config.connection_ttl_secs,
                         )
                         .await;
                     match outcome {
-                        Ok(Subscribed::Added) => {
-                            if store::is_wildcard(&mqtt) {
-                                if let Err(e) = self
-                                    .store
-                                    .register_wildcard(&mqtt, now, self.config.connection_ttl_secs)
-                                    .await
-                                {
-                                    let _ = self.store.unsubscribe(id, &channel, &mqtt, now).await;
-                                    return Some(store_failed(req_id.as_ref(), id, &e));
-                                }
-                            }
-                        }
+                        Ok(Subscribed::Added) => added = true,
                         Ok(Subscribed::AlreadyHeld) => {}
                         Ok(Subscribed::TooMany) => {
                             return Some(session::too_many_subscriptions(req_id, policy).to_json())
                         }
-                        Ok(Subscribed::Gone) => {
-                            return Some(frame::error(
-                                req_id.as_ref(),
-                                ErrorCode::Unavailable,
-                                "this connection is no longer registered; reconnect",
-                            ))
-                        }
+                        Ok(Subscribed::Gone) => return Some(not_registered(req_id.as_ref())),
                         Err(e) => return Some(store_failed(req_id.as_ref(), id, &e)),
                     }
                 }
                 if retained {
                     if let Err(e) = self.replay_retained(id, &mqtt).await {
-                        if fresh {
+                        if added {
                             let _ = self.store.unsubscribe(id, &channel, &mqtt, now).await;
                         }
                         return Some(frame::error(req_id.as_ref(), e.code, &e.message));
@@ -326,6 +306,15 @@ impl Handler {
         }
         Ok(())
     }
+}
+
+/// The reply to a frame from a connection the store no longer knows.
+fn not_registered(req_id: Option<&Id>) -> String {
+    frame::error(
+        req_id,
+        ErrorCode::Unavailable,
+        "this connection is no longer registered; reconnect",
+    )
 }
 
 fn store_failed(req_id: Option<&Id>, connection: &str, e: &StoreError) -> String {

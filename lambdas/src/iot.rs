@@ -122,7 +122,7 @@ impl Iot {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        if !crate::store::is_wildcard(mqtt) {
+        if !bridge::channel::has_wildcards(mqtt) {
             return Ok(self
                 .retained(mqtt)
                 .await?

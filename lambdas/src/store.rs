@@ -28,14 +28,13 @@
 //! Every row carries a TTL (API Gateway closes a connection after 2 hours);
 //! TTL deletion is lazy, so reads ignore rows past their TTL.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::error::DisplayErrorContext;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, ReturnValue, TransactWriteItem, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, TransactWriteItem, WriteRequest};
 use aws_sdk_dynamodb::Client;
+use bridge::channel::has_wildcards;
 use bridge::permissions::Permissions;
 
 const PK: &str = "pk";
@@ -77,17 +76,11 @@ type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
     pub perms: Permissions,
-    /// Client channel names of the filters held, mapped to broker filters.
-    pub held: BTreeMap<String, String>,
+    /// Client channel names of the filters held (the form
+    /// [`bridge::session::decide_request`] takes).
+    pub held: BTreeSet<String>,
     /// When its rows expire (seconds since the epoch).
     pub expires: i64,
-}
-
-impl Connection {
-    /// The held filters in the form [`bridge::session::decide`] takes.
-    pub fn held_set(&self) -> BTreeSet<String> {
-        self.held.keys().cloned().collect()
-    }
 }
 
 /// How a subscribe ended.
@@ -139,11 +132,6 @@ fn live(item: &HashMap<String, AttributeValue>, now: i64) -> bool {
     get_n(item, TTL).is_none_or(|t| t >= now)
 }
 
-/// Whether a broker filter has wildcards (and so goes in the registry).
-pub fn is_wildcard(mqtt: &str) -> bool {
-    mqtt.split('/').any(|level| level == "+" || level == "#")
-}
-
 /// The DynamoDB table.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -157,10 +145,6 @@ impl Store {
             client,
             table: table.into(),
         }
-    }
-
-    pub fn table(&self) -> &str {
-        &self.table
     }
 
     fn key(&self, pk: String, sk: String) -> HashMap<String, AttributeValue> {
@@ -220,11 +204,7 @@ impl Store {
         let held = items
             .iter()
             .filter(|i| live(i, now))
-            .filter_map(|i| {
-                let channel = get_s(i, SK)?.strip_prefix("sub#")?;
-                let mqtt = get_s(i, "mqtt")?;
-                Some((channel.to_string(), mqtt.to_string()))
-            })
+            .filter_map(|i| Some(get_s(i, SK)?.strip_prefix("sub#")?.to_string()))
             .collect();
         Ok(Some(Connection {
             perms,
@@ -285,7 +265,7 @@ impl Store {
             if let Some(mqtt) = get_s(item, "mqtt") {
                 held += 1;
                 deletes.push(self.key(filter_pk(mqtt), id.to_string()));
-                if is_wildcard(mqtt) {
+                if has_wildcards(mqtt) {
                     wildcards.push(mqtt.to_string());
                 }
             }
@@ -340,7 +320,10 @@ impl Store {
     // ---- subscriptions ----
 
     /// Adds `channel` (broker filter `mqtt`) to a connection that does not
-    /// hold it yet, within `max` filters.
+    /// hold it yet, within `max` filters. A wildcard filter is then
+    /// registered for `registry_ttl_secs`; if that fails, the subscription is
+    /// taken back and the error returned.
+    #[allow(clippy::too_many_arguments)]
     pub async fn subscribe(
         &self,
         id: &str,
@@ -349,6 +332,7 @@ impl Store {
         expires: i64,
         max: usize,
         now: i64,
+        registry_ttl_secs: i64,
     ) -> Result<Subscribed> {
         let op = "TransactWriteItems";
         let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::new(op, e);
@@ -386,7 +370,15 @@ impl Store {
             TransactWriteItem::builder().put(index).build(),
         ];
         let reasons = match self.transact(items).await? {
-            None => return Ok(Subscribed::Added),
+            None => {
+                if has_wildcards(mqtt) {
+                    if let Err(e) = self.register_wildcard(mqtt, now, registry_ttl_secs).await {
+                        let _ = self.unsubscribe(id, channel, mqtt, now).await;
+                        return Err(e);
+                    }
+                }
+                return Ok(Subscribed::Added);
+            }
             Some(reasons) => reasons,
         };
         let failed =
@@ -482,7 +474,7 @@ impl Store {
         ];
         // Cancelled means not held (any more) or the connection is gone.
         self.transact(items).await?;
-        if is_wildcard(mqtt) {
+        if has_wildcards(mqtt) {
             self.release_wildcard(mqtt, now).await?;
         }
         Ok(())
@@ -491,35 +483,60 @@ impl Store {
     // ---- the wildcard registry ----
 
     /// Registers a wildcard filter in use, after its filter rows exist. The
-    /// row expires no earlier than any connection subscribing now.
-    pub async fn register_wildcard(&self, mqtt: &str, now: i64, ttl_secs: i64) -> Result<()> {
-        let out = self
+    /// row expires no earlier than any connection subscribing now. A filter
+    /// new to the registry (or expired there) bumps the version in the same
+    /// transaction, so every fan-out cache re-reads the registry: the row and
+    /// the bump never come apart.
+    async fn register_wildcard(&self, mqtt: &str, now: i64, ttl_secs: i64) -> Result<()> {
+        let key = self.key(REGISTRY_PK.into(), registry_sk(mqtt));
+        let stamp = fastrand::u64(..).to_string();
+        // The usual case: registered and live; extend it.
+        let extended = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(REGISTRY_PK.into(), registry_sk(mqtt))))
+            .set_key(Some(key.clone()))
+            .update_expression("SET #ttl = :exp, stamp = :stamp")
+            .condition_expression("#ttl >= :now")
+            .expression_attribute_names("#ttl", TTL)
+            .expression_attribute_values(":exp", n(now + ttl_secs))
+            .expression_attribute_values(":stamp", s(stamp.clone()))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match extended {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
+            Err(e) => return Err(StoreError::new("UpdateItem", e)),
+        }
+        let op = "TransactWriteItems";
+        let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::new(op, e);
+        let row = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key))
             .update_expression("SET #ttl = :exp, stamp = :stamp")
             .expression_attribute_names("#ttl", TTL)
             .expression_attribute_values(":exp", n(now + ttl_secs))
-            .expression_attribute_values(":stamp", s(fastrand::u64(..).to_string()))
-            .return_values(ReturnValue::UpdatedOld)
-            .send()
-            .await
-            .map_err(|e| StoreError::new("UpdateItem", e))?;
-        let old_ttl = out.attributes.as_ref().and_then(|a| get_n(a, TTL));
-        if old_ttl.is_none_or(|t| t < now) {
-            // New to the registry: make every fan-out cache re-read it.
-            self.client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(self.key(REGISTRY_PK.into(), VERSION_SK.into())))
-                .update_expression("ADD v :one")
-                .expression_attribute_values(":one", n(1))
-                .send()
-                .await
-                .map_err(|e| StoreError::new("UpdateItem", e))?;
+            .expression_attribute_values(":stamp", s(stamp))
+            .build()
+            .map_err(build)?;
+        let version = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(REGISTRY_PK.into(), VERSION_SK.into())))
+            .update_expression("ADD v :one")
+            .expression_attribute_values(":one", n(1))
+            .build()
+            .map_err(build)?;
+        let items = vec![
+            TransactWriteItem::builder().update(row).build(),
+            TransactWriteItem::builder().update(version).build(),
+        ];
+        match self.transact(items).await? {
+            None => Ok(()),
+            Some(reasons) => Err(StoreError::msg(op, format!("cancelled: {reasons:?}"))),
         }
-        Ok(())
     }
 
     /// Drops a wildcard filter from the registry when no connection holds it
@@ -634,11 +651,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wildcards_and_keys() {
-        assert!(is_wildcard("a/+/b"));
-        assert!(is_wildcard("#"));
-        assert!(!is_wildcard("a/b+c"));
-        assert!(!is_wildcard("a/b"));
+    fn keys() {
         assert_eq!(filter_pk("a/#"), "filter#a/#");
         assert_eq!(conn_pk("X="), "conn#X=");
     }

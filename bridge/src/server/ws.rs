@@ -23,6 +23,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::auth;
 use crate::frame::{self, ErrorCode, FrameError, Id};
 use crate::permissions::Permissions;
 use crate::rate::RateLimiter;
@@ -59,12 +60,11 @@ pub async fn upgrade(
     let perms = match &app.verifier {
         None => Permissions::allow_all(),
         Some(verifier) => {
-            let token = query
-                .get("token")
-                .map(String::as_str)
-                .or_else(|| bearer(&headers))
-                .unwrap_or("");
-            match verifier.verify(token) {
+            let authorization = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let token = auth::presented(query.get("token").map(String::as_str), authorization);
+            match verifier.verify(token.unwrap_or("")) {
                 Ok(perms) => perms,
                 Err(e) => {
                     app.metrics.auth_rejected.inc();
@@ -92,14 +92,6 @@ pub async fn upgrade(
             // Boxed: the socket would otherwise be stored twice in the task.
             tracker.track_future(connection(Box::new(socket), app, perms))
         })
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
 }
 
 /// Everything one connection task keeps.
