@@ -10,15 +10,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 sub="$1"; subscribe="${2:-}"; publish="${3:-}"; ttl="${4:-3600}"
 secret="${BRIDGE_JWT_SECRET:-$(cat "$here/.jwt-secret" 2>/dev/null || true)}"
 [ -n "$secret" ] || { echo "token.sh: no secret: set BRIDGE_JWT_SECRET or run deploy.sh first" >&2; exit 1; }
+json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
 json_list() {
   local IFS=','; local out=""; local f
-  for f in $1; do out="$out${out:+,}\"$(printf '%s' "$f" | sed 's/\\/\\\\/g; s/"/\\"/g')\""; done
+  for f in $1; do out="$out${out:+,}$(json_str "$f")"; done
   printf '[%s]' "$out"
 }
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
 exp=$(( $(date +%s) + ttl ))
 header='{"alg":"HS256","typ":"JWT"}'
-payload="{\"sub\":\"$sub\",\"exp\":$exp,\"channels\":{\"subscribe\":$(json_list "$subscribe"),\"publish\":$(json_list "$publish")}}"
+payload="{\"sub\":$(json_str "$sub"),\"exp\":$exp,\"channels\":{\"subscribe\":$(json_list "$subscribe"),\"publish\":$(json_list "$publish")}}"
 unsigned="$(printf '%s' "$header" | b64url).$(printf '%s' "$payload" | b64url)"
 sig="$(printf '%s' "$unsigned" | openssl dgst -sha256 -hmac "$secret" -binary | b64url)"
 printf '%s.%s\n' "$unsigned" "$sig"

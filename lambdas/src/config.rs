@@ -153,7 +153,12 @@ impl HandlerConfig {
                 prefix: prefix(env)?,
                 reserved,
                 limits,
-                max_subscriptions: number(env, "BRIDGE_MAX_SUBSCRIPTIONS", 100, 1)?,
+                max_subscriptions: number(
+                    env,
+                    "BRIDGE_MAX_SUBSCRIPTIONS",
+                    Policy::default().max_subscriptions,
+                    1,
+                )?,
             },
             connection_ttl_secs: number(
                 env,
