@@ -89,11 +89,19 @@ fn mosquitto_bin() -> PathBuf {
 pub struct Mosquitto {
     pub port: u16,
     dir: PathBuf,
+    /// Further configuration lines (they apply to the one listener).
+    extra_conf: String,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// Starts one with further configuration lines for its listener (TLS
+    /// files, say).
+    pub fn start_with(extra_conf: &str) -> Mosquitto {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("bridge-test-mosq-{}-{port}", std::process::id()));
@@ -101,6 +109,7 @@ impl Mosquitto {
         let mut m = Mosquitto {
             port,
             dir,
+            extra_conf: extra_conf.to_string(),
             child: None,
         };
         m.spawn();
@@ -113,8 +122,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
-                 max_queued_messages 100000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n",
-                self.port
+                 max_queued_messages 100000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n{}",
+                self.port, self.extra_conf
             ),
         )
         .unwrap();
@@ -214,11 +223,7 @@ impl Bridge {
 
     /// Starts a bridge with exactly these options (they say where the broker
     /// is); `mqtt_port` is where devices connect.
-    pub fn spawn_with(opts: Opts, mqtt_port: u16) -> Bridge {
-        Bridge::spawn(opts, mqtt_port)
-    }
-
-    fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
+    pub fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
         let mut cmd = Command::new(bridge_bin());
         die_with_parent(&mut cmd);
         cmd.arg("serve")

@@ -3,50 +3,16 @@
 //! wss:// itself, and `bridge smoke` checks the whole path both ways.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use tests::{bridge_bin, free_port, make_pki, Bridge, Client, Opts};
+use tests::{bridge_bin, make_pki, Bridge, Client, Mosquitto, Opts};
 
-struct TlsMosquitto {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl Drop for TlsMosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tls_mosquitto(dir: &Path) -> TlsMosquitto {
-    let port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
-             cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + tests::WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "TLS mosquitto did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    TlsMosquitto { port, child }
+/// A Mosquitto that speaks only TLS and requires a client certificate.
+fn tls_mosquitto(dir: &Path) -> Mosquitto {
+    Mosquitto::start_with(&format!(
+        "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n",
+        d = dir.display()
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +22,7 @@ async fn mqtts_with_client_certificate_and_smoke() {
     make_pki(&dir);
     let broker = tls_mosquitto(&dir);
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    let bridge = Bridge::spawn_with(
+    let bridge = Bridge::spawn(
         Opts::default().args([
             "--mqtt-url".to_string(),
             format!("mqtts://localhost:{}", broker.port),
@@ -82,7 +48,7 @@ async fn mqtts_with_client_certificate_and_smoke() {
     );
 
     // Without a client certificate the broker refuses the bridge.
-    let refused = Bridge::spawn_with(
+    let refused = Bridge::spawn(
         Opts::default().args([
             "--mqtt-url".to_string(),
             format!("mqtts://localhost:{}", broker.port),
