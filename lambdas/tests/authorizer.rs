@@ -21,7 +21,7 @@ const SECRET: &str = "test-secret-0123456789";
 const ARN: &str = "arn:aws:execute-api:us-east-1:123456789012:abcd1234/test/$connect";
 
 fn hs256() -> Authorizer {
-    let env = |name: &str| (name == "BRIDGE_JWT_SECRET").then(|| SECRET.to_string());
+    let env = env_lookup(&[("BRIDGE_JWT_SECRET", SECRET)]);
     Authorizer::new(&AuthorizerConfig::from_env(&env).unwrap()).unwrap()
 }
 
@@ -207,12 +207,9 @@ fn es256_token(kid: &str, key: &jsonwebtoken::EncodingKey, claims: Value) -> Str
 }
 
 fn jwks_authorizer(url: &str, extra: &[(&str, &str)]) -> Authorizer {
-    let mut map =
-        std::collections::HashMap::from([("BRIDGE_JWKS_URL".to_string(), url.to_string())]);
-    for (k, v) in extra {
-        map.insert(k.to_string(), v.to_string());
-    }
-    let env = move |name: &str| map.get(name).cloned();
+    let mut vars = vec![("BRIDGE_JWKS_URL", url)];
+    vars.extend_from_slice(extra);
+    let env = env_lookup(&vars);
     Authorizer::new(&AuthorizerConfig::from_env(&env).unwrap()).unwrap()
 }
 

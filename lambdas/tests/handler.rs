@@ -21,10 +21,7 @@ async fn connect_stores_permissions_and_echoes_protocol() {
     let p = perms("user-1", &["fleet/+/telemetry"], &[]);
     let mut event = ws_event("$connect", "c1", None, Some(context_for(&p)));
     event["headers"]["Sec-WebSocket-Protocol"] = json!("bridge.v1, other");
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, event).await;
     assert_eq!(r.status_code, 200);
     assert_eq!(
         r.headers.get("sec-websocket-protocol").unwrap(),
@@ -37,7 +34,7 @@ async fn connect_stores_permissions_and_echoes_protocol() {
     let stored: Permissions = serde_json::from_str(meta["perms"].as_s().unwrap()).unwrap();
     assert_eq!(stored, p);
     let ttl: i64 = meta["ttl"].as_n().unwrap().parse().unwrap();
-    let now = now_secs() as i64;
+    let now = now_secs();
     assert!(
         ttl > now + 7000 && ttl < now + 8000,
         "TTL about 2h10m ahead: {ttl}"
@@ -45,10 +42,7 @@ async fn connect_stores_permissions_and_echoes_protocol() {
 
     // Without an offered protocol, none is echoed.
     let event = ws_event("$connect", "c2", None, Some(context_for(&p)));
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, event).await;
     assert!(r.headers.get("sec-websocket-protocol").is_none());
 }
 
@@ -57,10 +51,7 @@ async fn connect_needs_the_authorizer_unless_auth_is_off() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
     let event = ws_event("$connect", "c1", None, None);
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, event).await;
     assert_eq!(r.status_code, 403);
     // A context that is not our JSON string is refused too.
     let event = ws_event(
@@ -69,19 +60,13 @@ async fn connect_needs_the_authorizer_unless_auth_is_off() {
         None,
         Some(json!({"permissions": {"subscribe": "all"}})),
     );
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, event).await;
     assert_eq!(r.status_code, 403);
     assert!(kit.keys().await.is_empty());
 
     let open = kit.handler(&[("BRIDGE_AUTH", "off")]);
     let event = ws_event("$connect", "c1", None, None);
-    let r = open
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&open, event).await;
     assert_eq!(r.status_code, 200);
     let reply = send(
         &open,
@@ -233,23 +218,12 @@ async fn every_bad_frame_gets_its_error_and_changes_nothing() {
     // A binary frame (API Gateway passes it base64-encoded).
     let mut event = ws_event("$default", "c1", Some("AAEC"), None);
     event["isBase64Encoded"] = json!(true);
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
-    let body = match r.body {
-        Some(aws_lambda_events::encodings::Body::Text(t)) => {
-            serde_json::from_str::<Value>(&t).unwrap()
-        }
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(body["code"], "bad_request");
+    let r = handle(&h, event).await;
+    let reply = body(&r).expect("an error frame");
+    assert_eq!(reply["code"], "bad_request");
     // A message event without a body.
     let event = ws_event("$default", "c1", None, None);
-    let r = h
-        .handle(serde_json::from_value(event).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, event).await;
     assert_eq!(r.status_code, 200);
 
     assert_eq!(kit.keys().await, before, "bad frames change nothing");
@@ -332,10 +306,7 @@ async fn subscribe_unsubscribe_and_disconnect_keep_the_table_exact() {
     // A second connection keeps x/# registered when the first goes.
     connect(&h, "c2", &Permissions::allow_all()).await;
     send(&h, "c2", r#"{"action":"subscribe","channel":"x/#"}"#).await;
-    let r = h
-        .handle(serde_json::from_value(ws_event("$disconnect", "c1", None, None)).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, ws_event("$disconnect", "c1", None, None)).await;
     assert_eq!(r.status_code, 200);
     assert_eq!(
         kit.keys().await,
@@ -350,9 +321,8 @@ async fn subscribe_unsubscribe_and_disconnect_keep_the_table_exact() {
     // A frame from a disconnected connection changes nothing.
     let reply = send(&h, "c1", r#"{"action":"subscribe","channel":"y","id":6}"#).await;
     assert_eq!(code(&reply), "unavailable");
-    h.handle(serde_json::from_value(ws_event("$disconnect", "c2", None, None)).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, ws_event("$disconnect", "c2", None, None)).await;
+    assert_eq!(r.status_code, 200);
     assert_eq!(kit.keys().await, vec!["wildcards|version"]);
 }
 
@@ -360,33 +330,44 @@ async fn subscribe_unsubscribe_and_disconnect_keep_the_table_exact() {
 async fn a_subscribe_racing_a_disconnect_leaves_no_orphans() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
-    for round in 0..8 {
+    // Started together, the disconnect's DeleteItem reaches the table before
+    // any subscribe's transaction, so every subscribe loses and "no orphans"
+    // would be trivial. The disconnect starts later each round (0 to 30 ms),
+    // moving its delete across the subscribes: none, some, then all of them
+    // commit first and leave rows for the disconnect to clean.
+    let mut acks = 0;
+    for round in 0..16u64 {
         let id = format!("r{round}");
+        let delay = std::time::Duration::from_millis(2 * round);
         connect(&h, &id, &Permissions::allow_all()).await;
         let frames: Vec<String> = (0..4)
             .map(|i| format!(r#"{{"action":"subscribe","channel":"race/{i}/+","id":{i}}}"#))
             .collect();
-        let disconnect =
-            h.handle(serde_json::from_value(ws_event("$disconnect", &id, None, None)).unwrap());
+        let disconnect = async {
+            tokio::time::sleep(delay).await;
+            handle(&h, ws_event("$disconnect", &id, None, None)).await
+        };
         let subs = futures_util::future::join_all(frames.iter().map(|f| send(&h, &id, f)));
         let (replies, d) = tokio::join!(subs, disconnect);
-        d.unwrap();
+        assert_eq!(d.status_code, 200);
         for r in replies.into_iter().flatten() {
             assert!(r["type"] == "ack" || r["code"] == "unavailable", "{r}");
+            if r["type"] == "ack" {
+                acks += 1;
+            }
         }
-        // Whatever won, nothing of the connection is left once both ended.
+        // Whatever won, nothing of the connection is left once both ended:
+        // a subscribe that committed before the disconnect's read is cleaned
+        // by it; one after it fails. Either way: no rows.
         let left: Vec<String> = kit
             .keys()
             .await
             .into_iter()
             .filter(|k| k.contains(&id))
             .collect();
-        if !left.is_empty() {
-            // A subscribe that committed before the disconnect's read is
-            // cleaned by it; one after it fails. Either way: no rows.
-            panic!("orphans after round {round}: {left:?}");
-        }
+        assert!(left.is_empty(), "orphans after round {round}: {left:?}");
     }
+    assert!(acks > 0, "no subscribe won a race in 16 rounds");
 }
 
 #[tokio::test]
@@ -539,18 +520,20 @@ async fn retained_replay_reads_iot_and_posts_before_the_ack() {
     assert_eq!(kit.keys().await, before);
     // Without retained: true nothing is replayed; no retained message is fine.
     kit.standin.clear();
-    send(
+    let reply = send(
         &h,
         "c1",
         r#"{"action":"subscribe","channel":"fleet/#","id":3}"#,
     )
     .await;
-    send(
+    assert_eq!(reply, Some(json!({"type":"ack","id":3})));
+    let reply = send(
         &h,
         "c1",
         r#"{"action":"subscribe","channel":"none/here","retained":true,"id":4}"#,
     )
     .await;
+    assert_eq!(reply, Some(json!({"type":"ack","id":4})));
     assert!(kit.standin.posted().is_empty());
 }
 
@@ -587,10 +570,7 @@ async fn events_from_the_crate_fixtures_parse_and_are_handled() {
     });
     connect(&h, "AAAA1234=", &Permissions::allow_all()).await;
     send(&h, "AAAA1234=", r#"{"action":"subscribe","channel":"a/+"}"#).await;
-    let r = h
-        .handle(serde_json::from_value(disconnect).unwrap())
-        .await
-        .unwrap();
+    let r = handle(&h, disconnect).await;
     assert_eq!(r.status_code, 200);
     assert_eq!(kit.keys().await, vec!["wildcards|version"]);
     // An event without a connection id is an error, not a panic.

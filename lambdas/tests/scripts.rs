@@ -2,14 +2,11 @@
 //! accepts; the deploy and teardown scripts are valid bash and explain
 //! themselves.
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::Command;
 
-fn infra(script: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../infra")
-        .join(script)
-}
+use support::infra;
 
 #[test]
 fn token_sh_mints_what_the_authorizer_accepts() {

@@ -33,14 +33,44 @@ use tokio::sync::{mpsc, oneshot};
 pub const REGION: &str = "us-east-1";
 pub const STAGE: &str = "test";
 
+/// A file in the repository's `infra/`.
+pub fn infra(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../infra")
+        .join(name)
+}
+
 /// The repository's `infra/template.yaml`.
 pub fn template_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml")
+    infra("template.yaml")
 }
 
 pub fn template() -> serde_yaml::Value {
     let text = std::fs::read_to_string(template_path()).expect("read infra/template.yaml");
     serde_yaml::from_str(&text).expect("infra/template.yaml is YAML")
+}
+
+/// The child gets SIGKILL when the thread that spawned it exits
+/// (PR_SET_PDEATHSIG), so nothing a test starts outlives the test process.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// An environment lookup (what the configs' `from_env` take) over these
+/// variables; a later entry wins over an earlier one with the same name.
+pub fn env_lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name: &str| map.get(name).cloned()
 }
 
 pub fn free_port() -> u16 {
@@ -74,13 +104,7 @@ fn start_moto() -> Moto {
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut cmd);
             match cmd.spawn() {
                 Ok(mut child) => {
                     let _ = tx.send(Ok(()));
@@ -616,7 +640,6 @@ struct RuntimeState {
     queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
     first_next: Mutex<Option<Instant>>,
-    init_error: Mutex<Option<Value>>,
 }
 
 /// A local Lambda Runtime API for one function.
@@ -634,7 +657,6 @@ impl RuntimeApi {
             queue: tokio::sync::Mutex::new(rx),
             waiting: Mutex::new(HashMap::new()),
             first_next: Mutex::new(None),
-            init_error: Mutex::new(None),
         });
         let app = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -674,10 +696,6 @@ impl RuntimeApi {
     pub fn first_next(&self) -> Option<Instant> {
         *self.state.first_next.lock().unwrap()
     }
-
-    pub fn init_error(&self) -> Option<Value> {
-        self.state.init_error.lock().unwrap().clone()
-    }
 }
 
 async fn next(State(state): State<Arc<RuntimeState>>) -> Response {
@@ -690,11 +708,7 @@ async fn next(State(state): State<Arc<RuntimeState>>) -> Response {
     let Some((id, event)) = state.queue.lock().await.recv().await else {
         return StatusCode::GONE.into_response();
     };
-    let deadline = (std::time::SystemTime::now() + Duration::from_secs(60))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
+    let deadline = (now_millis() + 60_000).to_string();
     let mut headers = HeaderMap::new();
     headers.insert("lambda-runtime-aws-request-id", id.parse().unwrap());
     headers.insert("lambda-runtime-deadline-ms", deadline.parse().unwrap());
@@ -740,8 +754,8 @@ async fn fail(
     answer(&state, &id, Err(v))
 }
 
-async fn init_error(State(state): State<Arc<RuntimeState>>, body: Bytes) -> StatusCode {
-    *state.init_error.lock().unwrap() = serde_json::from_slice(&body).ok();
+/// An init error is acknowledged, as the real Runtime API does.
+async fn init_error() -> StatusCode {
     StatusCode::ACCEPTED
 }
 
@@ -769,6 +783,7 @@ impl LambdaProcess {
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        die_with_parent(&mut cmd);
         let started = Instant::now();
         let mut child = cmd
             .spawn()
@@ -865,10 +880,7 @@ pub fn ws_event(
         "$disconnect" => "DISCONNECT",
         _ => "MESSAGE",
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_millis();
     let mut ctx = json!({
         "routeKey": route,
         "eventType": event_type,
@@ -961,9 +973,11 @@ pub fn rule_event(topic: &str, payload: &[u8]) -> Value {
     })
 }
 
-pub fn now_secs() -> u64 {
-    jsonwebtoken::get_current_timestamp()
-}
+// The crate's clocks, so tests and functions agree on the time (re-exported
+// for the tests and benches/fanout.rs, which `use support::*`; not every
+// target that includes this module calls both).
+#[allow(unused_imports)]
+pub use lambdas::{now_millis, now_secs};
 
 /// An HS256 token.
 pub fn hs256_token(secret: &str, claims: Value) -> String {
@@ -1008,17 +1022,13 @@ impl Kit {
 
     /// The environment a deployed function would see, plus `extra`.
     pub fn env(&self, extra: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let mut map: HashMap<String, String> = HashMap::from([
-            ("TABLE_NAME".to_string(), self.table.clone()),
-            (
-                "WEBSOCKET_ENDPOINT".to_string(),
-                self.standin.websocket_endpoint(),
-            ),
-        ]);
-        for (k, v) in extra {
-            map.insert(k.to_string(), v.to_string());
-        }
-        move |name: &str| map.get(name).cloned()
+        let endpoint = self.standin.websocket_endpoint();
+        let mut vars = vec![
+            ("TABLE_NAME", self.table.as_str()),
+            ("WEBSOCKET_ENDPOINT", endpoint.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        env_lookup(&vars)
     }
 
     pub fn store(&self, calls: &lambdas::calls::Calls) -> lambdas::store::Store {
@@ -1076,30 +1086,42 @@ pub fn context_for(perms: &bridge::permissions::Permissions) -> Value {
     json!({"permissions": serde_json::to_string(perms).unwrap(), "principalId": "p"})
 }
 
+/// Passes an event, as JSON, to the handler; its response (panics if the
+/// event does not parse or the handler fails).
+pub async fn handle(
+    h: &lambdas::handler::Handler,
+    event: Value,
+) -> aws_lambda_events::apigw::ApiGatewayProxyResponse {
+    let event = serde_json::from_value(event).expect("the event parses");
+    h.handle(event).await.expect("the handler answers")
+}
+
+/// A response's body, parsed as JSON (panics unless it is JSON text).
+pub fn body(r: &aws_lambda_events::apigw::ApiGatewayProxyResponse) -> Option<Value> {
+    match &r.body {
+        Some(aws_lambda_events::encodings::Body::Text(t)) => {
+            Some(serde_json::from_str(t).expect("a JSON body"))
+        }
+        Some(other) => panic!("unexpected body {other:?}"),
+        None => None,
+    }
+}
+
 /// Connects `id` through the handler with these permissions; panics unless 200.
 pub async fn connect(
     h: &lambdas::handler::Handler,
     id: &str,
     perms: &bridge::permissions::Permissions,
 ) {
-    let event =
-        serde_json::from_value(ws_event("$connect", id, None, Some(context_for(perms)))).unwrap();
-    let r = h.handle(event).await.unwrap();
+    let r = handle(h, ws_event("$connect", id, None, Some(context_for(perms)))).await;
     assert_eq!(r.status_code, 200);
 }
 
 /// Sends one text frame; the reply body, parsed.
 pub async fn send(h: &lambdas::handler::Handler, id: &str, frame: &str) -> Option<Value> {
-    let event = serde_json::from_value(ws_event("$default", id, Some(frame), None)).unwrap();
-    let r = h.handle(event).await.unwrap();
+    let r = handle(h, ws_event("$default", id, Some(frame), None)).await;
     assert_eq!(r.status_code, 200);
-    match r.body {
-        Some(aws_lambda_events::encodings::Body::Text(t)) => {
-            Some(serde_json::from_str(&t).unwrap())
-        }
-        Some(other) => panic!("unexpected body {other:?}"),
-        None => None,
-    }
+    body(&r)
 }
 
 /// Permissions from a channels claim.
