@@ -151,6 +151,20 @@ impl Store {
         HashMap::from([(PK.to_string(), s(pk)), (SK.to_string(), s(sk))])
     }
 
+    /// One row, read consistently.
+    async fn get(&self, pk: String, sk: String) -> Result<Option<HashMap<String, AttributeValue>>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::new("GetItem", e))?;
+        Ok(out.item)
+    }
+
     // ---- connections ----
 
     /// Stores a new connection (`$connect`).
@@ -383,16 +397,7 @@ impl Store {
         };
         let failed =
             |i: usize| reasons.get(i).map(String::as_str) == Some("ConditionalCheckFailed");
-        let meta = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(conn_pk(id), META.to_string())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| StoreError::new("GetItem", e))?
-            .item;
+        let meta = self.get(conn_pk(id), META.to_string()).await?;
         Ok(match meta {
             Some(m) if live(&m, now) => {
                 if failed(1) {
@@ -542,17 +547,7 @@ impl Store {
     /// Drops a wildcard filter from the registry when no connection holds it
     /// any more and nobody registered it again meanwhile.
     async fn release_wildcard(&self, mqtt: &str, now: i64) -> Result<()> {
-        let Some(row) = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(REGISTRY_PK.into(), registry_sk(mqtt))))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| StoreError::new("GetItem", e))?
-            .item
-        else {
+        let Some(row) = self.get(REGISTRY_PK.into(), registry_sk(mqtt)).await? else {
             return Ok(());
         };
         let Some(stamp) = get_s(&row, "stamp").map(str::to_string) else {
@@ -598,16 +593,8 @@ impl Store {
 
     /// The registry's version (0 before the first wildcard subscribe).
     pub async fn registry_version(&self) -> Result<i64> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(REGISTRY_PK.into(), VERSION_SK.into())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| StoreError::new("GetItem", e))?;
-        Ok(out.item.as_ref().and_then(|i| get_n(i, "v")).unwrap_or(0))
+        let version = self.get(REGISTRY_PK.into(), VERSION_SK.into()).await?;
+        Ok(version.as_ref().and_then(|i| get_n(i, "v")).unwrap_or(0))
     }
 
     /// The registry: its version and the live wildcard filters.
