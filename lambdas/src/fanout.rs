@@ -36,8 +36,8 @@ use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::calls::Calls;
-use crate::config::{FanoutConfig, MAX_POST_BYTES};
-use crate::sender::{Outcome, Sender};
+use crate::config::FanoutConfig;
+use crate::sender::{self, Outcome, Sender};
 use crate::store::{Store, StoreError};
 
 /// The fields the topic rule selects, and this function reads.
@@ -209,11 +209,7 @@ impl Fanout {
         }
         // Built once for every recipient, and only when there is one.
         let message = frame::message(name, &payload, false);
-        if message.len() > MAX_POST_BYTES {
-            let reason = format!(
-                "the message frame is {} bytes; API Gateway takes at most {MAX_POST_BYTES}",
-                message.len()
-            );
+        if let Some(reason) = sender::unpostable(message.as_bytes()) {
             tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
             report.refused = Some(reason);
             return Ok(());

@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::config::HandlerConfig;
 use crate::iot::{Iot, IotError};
-use crate::sender::{Outcome, Sender};
+use crate::sender::{self, Outcome, Sender};
 use crate::store::{Store, StoreError, Subscribed};
 
 /// Retained messages posted at once for one subscribe.
@@ -284,9 +284,14 @@ impl Handler {
             .retained_matching(mqtt, self.config.max_retained)
             .await?;
         let prefix = &self.config.policy.prefix;
-        let frames = messages.into_iter().map(|(topic, payload)| {
+        let frames = messages.into_iter().filter_map(|(topic, payload)| {
             let channel = prefix.to_channel(&topic).unwrap_or(&topic);
-            Bytes::from(frame::message(channel, &payload, true))
+            let message = frame::message(channel, &payload, true);
+            if let Some(reason) = sender::unpostable(message.as_bytes()) {
+                tracing::warn!(connection = id, topic, %reason, "retained message not delivered");
+                return None;
+            }
+            Some(Bytes::from(message))
         });
         let outcomes: Vec<Outcome> = stream::iter(frames)
             .map(|f| self.sender.post(id, f))

@@ -15,8 +15,21 @@ use aws_sdk_apigatewaymanagement::Client;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
+use crate::config::MAX_POST_BYTES;
+
 /// Tries for a throttled post.
 pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Why API Gateway would refuse to post `frame`: over its 128 KB. Such a
+/// frame is never truncated and never posted.
+pub fn unpostable(frame: &[u8]) -> Option<String> {
+    (frame.len() > MAX_POST_BYTES).then(|| {
+        format!(
+            "the message frame is {} bytes; API Gateway takes at most {MAX_POST_BYTES}",
+            frame.len()
+        )
+    })
+}
 
 /// How one post ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -538,6 +538,30 @@ async fn retained_replay_reads_iot_and_posts_before_the_ack() {
 }
 
 #[tokio::test]
+async fn retained_message_over_api_gateways_limit_is_skipped_not_truncated() {
+    let kit = Kit::new().await;
+    let h = kit.handler(&[]);
+    // Within the payload limit, but its base64 frame is over API Gateway's 128 KB.
+    kit.standin.set_retained("big/x", &vec![0xffu8; 120_000]);
+    kit.standin.set_retained("big/y", b"small");
+    connect(&h, "c1", &Permissions::allow_all()).await;
+    let reply = send(
+        &h,
+        "c1",
+        r#"{"action":"subscribe","channel":"big/+","retained":true,"id":1}"#,
+    )
+    .await;
+    assert_eq!(reply, Some(json!({"type":"ack","id":1})));
+    assert_eq!(
+        kit.standin.posted(),
+        vec![(
+            "c1".to_string(),
+            json!({"type":"message","channel":"big/y","data":"small","encoding":"text","retained":true})
+        )]
+    );
+}
+
+#[tokio::test]
 async fn ping_needs_no_state() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
