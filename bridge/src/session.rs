@@ -222,6 +222,47 @@ pub fn too_many_subscriptions(id: Option<Id>, policy: &Policy) -> FrameError {
     )
 }
 
+/// Why a broker message is not delivered to web clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// Its topic is outside the deployment's prefix (no channel names it).
+    OutsidePrefix,
+    /// Its payload is over the payload limit.
+    TooLarge { bytes: usize, limit: usize },
+}
+
+impl std::fmt::Display for Undeliverable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undeliverable::OutsidePrefix => write!(f, "the topic is outside the prefix"),
+            Undeliverable::TooLarge { bytes, limit } => {
+                write!(f, "payload of {bytes} bytes is over the {limit}-byte limit")
+            }
+        }
+    }
+}
+
+/// Whether a broker message (live or retained) on `topic` with a payload of
+/// `payload_len` bytes goes to web clients, and under which channel name.
+/// A message over the payload limit is never delivered, never truncated.
+pub fn deliverable<'a>(
+    prefix: &Prefix,
+    max_payload_bytes: usize,
+    topic: &'a str,
+    payload_len: usize,
+) -> Result<&'a str, Undeliverable> {
+    let channel = prefix
+        .to_channel(topic)
+        .ok_or(Undeliverable::OutsidePrefix)?;
+    if payload_len > max_payload_bytes {
+        return Err(Undeliverable::TooLarge {
+            bytes: payload_len,
+            limit: max_payload_bytes,
+        });
+    }
+    Ok(channel)
+}
+
 /// The deployment-dependent channel rules: reserved names and the prefix.
 fn check_channel(channel: &str, policy: &Policy, named: bool) -> Result<(), ChannelError> {
     if channel::is_reserved(channel)
@@ -247,6 +288,22 @@ mod tests {
             Action::Refuse(e) => e.code.as_str().to_string(),
             other => panic!("expected an error reply, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn delivery_gate() {
+        let none = Prefix::default();
+        assert_eq!(deliverable(&none, 5, "a/b", 5), Ok("a/b"));
+        assert_eq!(
+            deliverable(&none, 5, "a/b", 6),
+            Err(Undeliverable::TooLarge { bytes: 6, limit: 5 })
+        );
+        let p = Prefix::new(Some("site")).unwrap();
+        assert_eq!(deliverable(&p, 5, "site/a", 1), Ok("a"));
+        assert_eq!(
+            deliverable(&p, 5, "other/a", 1),
+            Err(Undeliverable::OutsidePrefix)
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::time::Instant;
 use base64::Engine;
 use bridge::channel;
 use bridge::frame;
+use bridge::session;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -172,22 +173,16 @@ impl Fanout {
                 event.topic
             )));
         }
-        let Some(name) = self.config.prefix.to_channel(&event.topic) else {
-            let reason = format!("topic {:?} is outside the prefix", event.topic);
-            tracing::info!(id, %reason, "not delivered");
-            report.refused = Some(reason);
-            return Ok(());
+        let max = self.config.max_payload_bytes;
+        let name = match session::deliverable(&self.config.prefix, max, &event.topic, payload.len())
+        {
+            Ok(name) => name,
+            Err(reason) => {
+                tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
+                report.refused = Some(reason.to_string());
+                return Ok(());
+            }
         };
-        if payload.len() > self.config.max_payload_bytes {
-            let reason = format!(
-                "payload of {} bytes is over the {}-byte limit",
-                payload.len(),
-                self.config.max_payload_bytes
-            );
-            tracing::warn!(id, topic = %event.topic, %reason, "not delivered");
-            report.refused = Some(reason);
-            return Ok(());
-        }
         let now = crate::now_secs();
         let wildcards = self.wildcards(now).await?;
         let mut filters = vec![event.topic.clone()];

@@ -283,9 +283,16 @@ impl Handler {
             .iot
             .retained_matching(mqtt, self.config.max_retained)
             .await?;
-        let prefix = &self.config.policy.prefix;
+        let policy = &self.config.policy;
+        let max = policy.limits.max_payload_bytes;
         let frames = messages.into_iter().filter_map(|(topic, payload)| {
-            let channel = prefix.to_channel(&topic).unwrap_or(&topic);
+            let channel = match session::deliverable(&policy.prefix, max, &topic, payload.len()) {
+                Ok(channel) => channel,
+                Err(reason) => {
+                    tracing::warn!(connection = id, topic, %reason, "retained message not delivered");
+                    return None;
+                }
+            };
             let message = frame::message(channel, &payload, true);
             if let Some(reason) = sender::unpostable(message.as_bytes()) {
                 tracing::warn!(connection = id, topic, %reason, "retained message not delivered");

@@ -538,7 +538,7 @@ async fn retained_replay_reads_iot_and_posts_before_the_ack() {
 }
 
 #[tokio::test]
-async fn retained_message_over_api_gateways_limit_is_skipped_not_truncated() {
+async fn retained_messages_over_the_limits_are_skipped_not_truncated() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
     // Within the payload limit, but its base64 frame is over API Gateway's 128 KB.
@@ -559,6 +559,18 @@ async fn retained_message_over_api_gateways_limit_is_skipped_not_truncated() {
             json!({"type":"message","channel":"big/y","data":"small","encoding":"text","retained":true})
         )]
     );
+    // A retained message over the payload limit is not delivered either.
+    kit.standin.clear();
+    let strict = kit.handler(&[("BRIDGE_MAX_PAYLOAD_BYTES", "4")]);
+    connect(&strict, "c2", &Permissions::allow_all()).await;
+    let reply = send(
+        &strict,
+        "c2",
+        r#"{"action":"subscribe","channel":"big/y","retained":true,"id":2}"#,
+    )
+    .await;
+    assert_eq!(reply, Some(json!({"type":"ack","id":2})));
+    assert!(kit.standin.posted().is_empty());
 }
 
 #[tokio::test]

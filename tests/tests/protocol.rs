@@ -224,6 +224,27 @@ both_backends!(
                 .any(|l| l.starts_with("bridge_messages_dropped_total{reason=\"too_large\"} 1")),
             "{metrics}"
         );
+        // Nor is a retained one, live or replayed; the others still are.
+        dev.publish("big/r/large", vec![1u8; 2000], 1, true).await;
+        dev.next_publish().await;
+        dev.publish("big/r/small", "ok", 1, true).await;
+        dev.next_publish().await;
+        assert_eq!(c.next_message().await["channel"], "big/r/small");
+        let mut late = s.client().await;
+        late.send(json!({"action":"subscribe","channel":"big/r/+","retained":true,"id":"r"}))
+            .await;
+        assert_eq!(
+            late.next_json().await,
+            json!({"type":"message","channel":"big/r/small","data":"ok","encoding":"text","retained":true})
+        );
+        assert_eq!(late.next_json().await, json!({"type":"ack","id":"r"}));
+        let (_, metrics) = tests::http_get(&s.bridge.http("/metrics")).await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("bridge_messages_dropped_total{reason=\"too_large\"} 3")),
+            "{metrics}"
+        );
         // Over the hard cap: closed with 1009.
         let huge = "z".repeat(70_000);
         c.send_text(&format!(r#"{{"action":"ping","pad":"{huge}"}}"#))

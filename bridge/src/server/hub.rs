@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use crate::channel::{self, Prefix};
 use crate::frame;
 use crate::server::metrics::{DropReason, Metrics};
+use crate::session::{self, Undeliverable};
 
 pub type ConnId = u64;
 
@@ -246,10 +247,11 @@ impl Hub {
     /// Delivers one broker message to every connection holding a matching
     /// filter, once each.
     pub fn deliver(&self, topic: &str, payload: &[u8], at: Instant) -> Fanout {
-        let Some(channel) = self.prefix.to_channel(topic) else {
+        let verdict = session::deliverable(&self.prefix, self.max_payload, topic, payload.len());
+        if verdict == Err(Undeliverable::OutsidePrefix) {
             self.metrics.mqtt_messages_unmatched.inc();
             return Fanout::default();
-        };
+        }
         let levels: Vec<&str> = topic.split('/').collect();
         let root = self.root.read();
         let mut lists: Vec<&[Arc<Conn>]> = Vec::new();
@@ -267,21 +269,23 @@ impl Hub {
             all.dedup_by_key(|c| c.id);
             all
         };
-        if payload.len() > self.max_payload {
-            self.metrics
-                .dropped(DropReason::TooLarge, recipients.len() as u64);
-            tracing::warn!(
-                topic,
-                bytes = payload.len(),
-                limit = self.max_payload,
-                recipients = recipients.len(),
-                "message over the payload limit not delivered"
-            );
-            return Fanout {
-                queued: 0,
-                dropped: recipients.len(),
-            };
-        }
+        let channel = match verdict {
+            Ok(channel) => channel,
+            Err(reason) => {
+                self.metrics
+                    .dropped(DropReason::TooLarge, recipients.len() as u64);
+                tracing::warn!(
+                    topic,
+                    %reason,
+                    recipients = recipients.len(),
+                    "message not delivered"
+                );
+                return Fanout {
+                    queued: 0,
+                    dropped: recipients.len(),
+                };
+            }
+        };
         let delivery = Arc::new(Delivery {
             frame: frame::message(channel, payload, false).into(),
             at,

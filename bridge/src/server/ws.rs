@@ -28,9 +28,10 @@ use crate::frame::{self, ErrorCode, FrameError, Id};
 use crate::permissions::Permissions;
 use crate::rate::RateLimiter;
 use crate::server::hub::{Conn, Outbound};
+use crate::server::metrics::DropReason;
 use crate::server::mqtt::LinkError;
 use crate::server::App;
-use crate::session::{self, Action};
+use crate::session::{self, Action, Undeliverable};
 
 /// tungstenite's read buffer per connection (its default, 128 KiB, would be
 /// most of an idle connection's memory). Larger frames grow it as needed.
@@ -353,13 +354,26 @@ impl Session {
                 // The retained messages first, then the ack, then live
                 // messages: the order the AWS deployment gives too (there the
                 // ack is the route response, sent when the request ends).
+                let policy = &self.app.policy;
+                let mut sent = 0;
                 for (topic, payload) in &messages {
-                    let name = self.app.policy.prefix.to_channel(topic).unwrap_or(topic);
-                    socket
-                        .feed(Message::Text(frame::message(name, payload, true).into()))
-                        .await?;
+                    let max = policy.limits.max_payload_bytes;
+                    match session::deliverable(&policy.prefix, max, topic, payload.len()) {
+                        Ok(name) => {
+                            socket
+                                .feed(Message::Text(frame::message(name, payload, true).into()))
+                                .await?;
+                            sent += 1;
+                        }
+                        Err(reason @ Undeliverable::TooLarge { .. }) => {
+                            self.app.metrics.dropped(DropReason::TooLarge, 1);
+                            tracing::warn!(topic, %reason, "retained message not delivered");
+                        }
+                        // The fetch asked for a filter inside the prefix.
+                        Err(Undeliverable::OutsidePrefix) => {}
+                    }
                 }
-                self.app.metrics.deliveries.inc_by(messages.len() as u64);
+                self.app.metrics.deliveries.inc_by(sent);
                 if let Some(ack) = ack {
                     socket.feed(Message::Text(ack.into())).await?;
                 }
