@@ -286,6 +286,15 @@ impl Bridge {
         format!("http://{}{path}", self.addr)
     }
 
+    /// One value from `/metrics`: the sample whose line starts with `name`
+    /// (labels included, e.g. `bridge_messages_dropped_total{reason="lagged"}`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http_get(&self.http("/metrics")).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -217,13 +217,8 @@ both_backends!(
         dev.publish("big/b", vec![1u8; 2000], 1, false).await;
         dev.next_publish().await;
         c.expect_silence().await;
-        let (_, metrics) = tests::http_get(&s.bridge.http("/metrics")).await;
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("bridge_messages_dropped_total{reason=\"too_large\"} 1")),
-            "{metrics}"
-        );
+        let too_large = "bridge_messages_dropped_total{reason=\"too_large\"}";
+        assert_eq!(s.bridge.metric(too_large).await, 1.0);
         // Nor is a retained one, live or replayed; the others still are.
         dev.publish("big/r/large", vec![1u8; 2000], 1, true).await;
         dev.next_publish().await;
@@ -238,13 +233,7 @@ both_backends!(
             json!({"type":"message","channel":"big/r/small","data":"ok","encoding":"text","retained":true})
         );
         assert_eq!(late.next_json().await, json!({"type":"ack","id":"r"}));
-        let (_, metrics) = tests::http_get(&s.bridge.http("/metrics")).await;
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("bridge_messages_dropped_total{reason=\"too_large\"} 3")),
-            "{metrics}"
-        );
+        assert_eq!(s.bridge.metric(too_large).await, 3.0);
         // Over the hard cap: closed with 1009.
         let huge = "z".repeat(70_000);
         c.send_text(&format!(r#"{{"action":"ping","pad":"{huge}"}}"#))

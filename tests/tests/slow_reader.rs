@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{http_get, Backend, Setup};
+use tests::{Backend, Setup};
 use tokio_tungstenite::tungstenite::Message;
 
 const BURST: usize = 20_000;
@@ -26,12 +26,6 @@ async fn slow_client(url: &str) -> tokio_tungstenite::WebSocketStream<tokio::net
     let stream = socket.connect(addr).await.unwrap();
     let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
     ws
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
 }
 
 /// Both backends, one after the other: two 20,000-message bursts at once
@@ -150,9 +144,10 @@ async fn slow_reader(s: Setup) {
         BURST,
         "received {received} + reported dropped {dropped}"
     );
-    let (_, metrics) = http_get(&s.bridge.http("/metrics")).await;
     assert_eq!(
-        metric(&metrics, "bridge_messages_dropped_total{reason=\"lagged\"}") as usize,
+        s.bridge
+            .metric("bridge_messages_dropped_total{reason=\"lagged\"}")
+            .await as usize,
         dropped
     );
 }
