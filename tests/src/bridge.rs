@@ -1,0 +1,199 @@
+//! The `bridge serve` process under test: how it is started (`Opts`), where
+//! it listens, and what can be read from outside it (logs, `/metrics`, RSS,
+//! its exit status).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::http::http_get;
+use crate::mosquitto::Mosquitto;
+use crate::processes::{die_with_parent, free_port, WAIT};
+
+/// The `bridge` binary of this build (target/<profile>/bridge).
+pub fn bridge_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("BRIDGE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test binary>
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("bridge");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p bridge`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `bridge serve`.
+pub struct Bridge {
+    pub addr: SocketAddr,
+    /// The MQTT port devices use (the embedded broker's, or Mosquitto's).
+    pub mqtt_port: u16,
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Options for starting a bridge.
+#[derive(Default, Clone)]
+pub struct Opts {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Opts {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+impl Bridge {
+    /// Starts a bridge on its embedded broker.
+    pub fn embedded(opts: Opts) -> Bridge {
+        let mqtt_port = free_port();
+        let opts = opts.args([
+            "--embedded-broker".to_string(),
+            format!("127.0.0.1:{mqtt_port}"),
+        ]);
+        Bridge::spawn(opts, mqtt_port)
+    }
+
+    /// Starts a bridge on an external broker.
+    pub fn external(mosquitto: &Mosquitto, opts: Opts) -> Bridge {
+        Bridge::spawn(
+            opts.args(["--mqtt-url".to_string(), mosquitto.url()]),
+            mosquitto.port,
+        )
+    }
+
+    /// Starts a bridge with exactly these options (they say where the broker
+    /// is); `mqtt_port` is where devices connect.
+    pub fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
+        let mut cmd = Command::new(bridge_bin());
+        die_with_parent(&mut cmd);
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&opts.args);
+        cmd.env_remove("BRIDGE_JWT_SECRET").env(
+            "RUST_LOG",
+            "info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn",
+        );
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bridge");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("bridge listening on ") {
+                    let rest = rest
+                        .trim_start_matches("ws://")
+                        .trim_start_matches("wss://");
+                    let _ = tx.send(rest.trim_end_matches("/ws").to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(WAIT) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("bridge did not start; stderr:\n{}", stderr.lock().unwrap());
+            }
+        };
+        Bridge {
+            addr,
+            mqtt_port,
+            child,
+            stderr,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// One value from `/metrics`: the sample whose line starts with `name`
+    /// (labels included, e.g. `bridge_messages_dropped_total{reason="lagged"}`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http_get(&self.http("/metrics")).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the bridge logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Resident memory of the bridge process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bridge did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
