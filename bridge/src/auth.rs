@@ -3,12 +3,14 @@
 //! HS256 with a shared secret (`BRIDGE_JWT_SECRET`), or RS256 / ES256 with the
 //! public keys of a JWKS document (a file for `bridge serve`, a URL such as a
 //! Cognito user pool's for the Lambda authorizer). Each key only accepts its
-//! own algorithm, so a token cannot pick a weaker one. `exp` is required.
-//! Tokens are never logged; errors say what was wrong, not what was sent.
+//! own algorithm, so a token cannot pick a weaker one. `exp` is required and
+//! holds for the connection's whole life ([`Credentials::expires_at`]).
+//! Tokens are never logged; errors say what was wrong in fixed words, never
+//! echoing what was sent (a token's text could end up in logs or a 401 body).
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::permissions::{ChannelsClaim, Permissions};
 
@@ -20,7 +22,7 @@ pub enum AuthError {
     #[error("the token has expired")]
     Expired,
     #[error("the token is not valid: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
     #[error("no key in the key set matches the token")]
     UnknownKey,
 }
@@ -40,6 +42,41 @@ pub fn presented<'a>(
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as
+/// long as the hash output (256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// What a verified token grants a connection, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub perms: Permissions,
+    /// Seconds since the Unix epoch at which the connection's token stops
+    /// holding: its `exp` plus the deployment's leeway. `None` with auth off.
+    pub expires_at: Option<u64>,
+}
+
+impl Credentials {
+    /// Auth off: everything (but reserved channels), for ever.
+    pub fn anonymous() -> Self {
+        Credentials {
+            perms: Permissions::allow_all(),
+            expires_at: None,
+        }
+    }
+
+    /// Whether the token has expired at `now` (seconds since the epoch).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Claim checks besides the signature.
 #[derive(Debug, Clone, Default)]
 pub struct AuthSettings {
@@ -54,6 +91,8 @@ pub struct AuthSettings {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Required (the validation checks it is there and in the future).
+    exp: f64,
     #[serde(default)]
     channels: ChannelsClaim,
 }
@@ -84,6 +123,11 @@ impl std::fmt::Debug for Verifier {
 pub enum KeyError {
     #[error("the JWT secret is empty")]
     EmptySecret,
+    #[error(
+        "the JWT secret is {0} bytes; HS256 needs at least {MIN_SECRET_BYTES} \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    WeakSecret(usize),
     #[error("not a JWKS document: {0}")]
     Parse(String),
     #[error("the key set has no RS256 or ES256 (P-256) key")]
@@ -93,6 +137,12 @@ pub enum KeyError {
 impl Verifier {
     /// HS256 with a shared secret.
     pub fn hs256(secret: &[u8], settings: AuthSettings) -> Result<Self, KeyError> {
+        if secret.is_empty() {
+            return Err(KeyError::EmptySecret);
+        }
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(KeyError::WeakSecret(secret.len()));
+        }
         let key = DecodingKey::from_secret(secret).map_err(|_| KeyError::EmptySecret)?;
         let key = Key {
             kid: None,
@@ -141,12 +191,13 @@ impl Verifier {
         Ok(Verifier { keys, settings })
     }
 
-    /// Checks a token and returns the permissions its claims grant.
-    pub fn verify(&self, token: &str) -> Result<Permissions, AuthError> {
+    /// Checks a token and returns what its claims grant, until when.
+    pub fn verify(&self, token: &str) -> Result<Credentials, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            decode_header(token).map_err(|_| AuthError::Invalid("malformed token header"))?;
         let key = match &header.kid {
             Some(kid) => self
                 .keys
@@ -157,10 +208,7 @@ impl Verifier {
         }
         .ok_or(AuthError::UnknownKey)?;
         if header.alg != key.alg {
-            return Err(AuthError::Invalid(format!(
-                "algorithm {:?} is not accepted (expected {:?})",
-                header.alg, key.alg
-            )));
+            return Err(AuthError::Invalid("the token's algorithm is not accepted"));
         }
         let mut validation = Validation::new(key.alg);
         validation.leeway = self.settings.leeway_secs;
@@ -173,18 +221,31 @@ impl Verifier {
         if let Some(iss) = &self.settings.issuer {
             validation.set_issuer(&[iss]);
         }
-        let data = decode::<Claims>(token, &key.key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            }
-        })?;
-        Ok(Permissions::from_claims(
-            data.claims.sub.as_deref(),
-            &data.claims.channels,
-        ))
+        let data = decode::<Claims>(token, &key.key, &validation).map_err(|e| refusal(&e))?;
+        let claims = data.claims;
+        Ok(Credentials {
+            perms: Permissions::from_claims(claims.sub.as_deref(), &claims.channels),
+            expires_at: Some((claims.exp.max(0.0) as u64).saturating_add(self.settings.leeway_secs)),
+        })
     }
+}
+
+/// A refusal in fixed words: jsonwebtoken's messages may quote the token.
+fn refusal(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    AuthError::Invalid(match e.kind() {
+        ErrorKind::ExpiredSignature => return AuthError::Expired,
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)",
+        ErrorKind::InvalidIssuer => "wrong issuer",
+        ErrorKind::InvalidAudience => "wrong audience",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim (exp, iss or aud) is missing",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "the token's algorithm is not accepted"
+        }
+        ErrorKind::Json(_) => "malformed claims",
+        _ => "malformed token",
+    })
 }
 
 #[cfg(test)]
@@ -192,6 +253,8 @@ mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
@@ -208,23 +271,63 @@ mod tests {
 
     #[test]
     fn hs256() {
-        let v = Verifier::hs256(b"s3cret", AuthSettings::default()).unwrap();
-        assert!(Verifier::hs256(b"", AuthSettings::default()).is_err());
+        let v = Verifier::hs256(SECRET, AuthSettings::default()).unwrap();
+        assert!(matches!(
+            Verifier::hs256(b"", AuthSettings::default()),
+            Err(KeyError::EmptySecret)
+        ));
+        assert!(matches!(
+            Verifier::hs256(&SECRET[..31], AuthSettings::default()),
+            Err(KeyError::WeakSecret(31))
+        ));
+        let exp = now() + 60;
         let t = token(
-            b"s3cret",
-            json!({"sub":"u1","exp":now()+60,"channels":{"subscribe":["users/{sub}/#"]}}),
+            SECRET,
+            json!({"sub":"u1","exp":exp,"channels":{"subscribe":["users/{sub}/#"]}}),
         );
-        let p = v.verify(&t).unwrap();
-        assert!(p.can_subscribe("users/u1/x"));
-        assert!(!p.can_publish("users/u1/x"));
+        let c = v.verify(&t).unwrap();
+        assert_eq!(c.expires_at, Some(exp));
+        assert!(!c.expired(exp - 1) && c.expired(exp));
+        assert!(c.perms.can_subscribe("users/u1/x"));
+        assert!(!c.perms.can_publish("users/u1/x"));
         assert_eq!(v.verify(""), Err(AuthError::Missing));
         assert!(matches!(v.verify("abc"), Err(AuthError::Invalid(_))));
-        let wrong = token(b"other", json!({"exp":now()+60}));
-        assert!(matches!(v.verify(&wrong), Err(AuthError::Invalid(_))));
-        let expired = token(b"s3cret", json!({"exp":now()-10}));
+        let wrong = token(b"another-secret-another-secret-xx", json!({"exp":now()+60}));
+        assert_eq!(v.verify(&wrong), Err(AuthError::Invalid("bad signature")));
+        let expired = token(SECRET, json!({"exp":now()-10}));
         assert_eq!(v.verify(&expired), Err(AuthError::Expired));
-        let no_exp = token(b"s3cret", json!({"sub":"x"}));
+        let no_exp = token(SECRET, json!({"sub":"x"}));
         assert!(matches!(v.verify(&no_exp), Err(AuthError::Invalid(_))));
+        // The leeway moves the end of the connection too.
+        let lenient = AuthSettings {
+            leeway_secs: 30,
+            ..AuthSettings::default()
+        };
+        let v = Verifier::hs256(SECRET, lenient).unwrap();
+        assert_eq!(v.verify(&t).unwrap().expires_at, Some(exp + 30));
+    }
+
+    #[test]
+    fn refusals_never_quote_the_token() {
+        let v = Verifier::hs256(SECRET, AuthSettings::default()).unwrap();
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for header in [
+            r#"{"alg":"<script>alert(1)</script>","typ":"JWT"}"#,
+            r#"{"alg":"HS256","kid":"\u001b[31mred"}"#,
+            "<b>not json</b>",
+        ] {
+            let t = format!("{}.{}.sig", b64(header), b64(r#"{"exp":1}"#));
+            let e = v.verify(&t).unwrap_err().to_string();
+            assert!(!e.contains('<') && !e.contains("script") && !e.contains("red"), "{e}");
+        }
+        let claims = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"HS256"}"#),
+            b64(r#"{"exp":"<i>soon</i>"}"#)
+        );
+        let e = v.verify(&claims).unwrap_err().to_string();
+        assert!(!e.contains("soon"), "{e}");
     }
 
     #[test]
@@ -234,10 +337,10 @@ mod tests {
             issuer: Some("me".into()),
             audience: Some("bridge".into()),
         };
-        let v = Verifier::hs256(b"k", settings).unwrap();
-        let good = token(b"k", json!({"exp":now()+60,"iss":"me","aud":"bridge"}));
+        let v = Verifier::hs256(SECRET, settings).unwrap();
+        let good = token(SECRET, json!({"exp":now()+60,"iss":"me","aud":"bridge"}));
         assert!(v.verify(&good).is_ok());
-        let bad = token(b"k", json!({"exp":now()+60,"iss":"you","aud":"bridge"}));
+        let bad = token(SECRET, json!({"exp":now()+60,"iss":"you","aud":"bridge"}));
         assert!(v.verify(&bad).is_err());
     }
 

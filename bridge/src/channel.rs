@@ -27,6 +27,9 @@ pub enum ChannelError {
     TooLong(usize),
     TooDeep(usize),
     Nul,
+    /// A control character or a Unicode non-character (MQTT 3.1.1 §1.5.3
+    /// lets a broker drop the client that sends one).
+    BadCharacter(char),
     WildcardInTopic,
     BadWildcard,
     HashNotLast,
@@ -50,6 +53,12 @@ impl fmt::Display for ChannelError {
                 )
             }
             ChannelError::Nul => write!(f, "a channel cannot contain U+0000"),
+            ChannelError::BadCharacter(c) => write!(
+                f,
+                "a channel cannot contain control characters or Unicode non-characters \
+                 (found U+{:04X})",
+                u32::from(*c)
+            ),
             ChannelError::WildcardInTopic => {
                 write!(f, "a publish topic cannot contain wildcards")
             }
@@ -78,11 +87,24 @@ fn check_common(name: &str) -> Result<(), ChannelError> {
     if name.contains('\0') {
         return Err(ChannelError::Nul);
     }
+    if let Some(c) = name.chars().find(|&c| is_forbidden_char(c)) {
+        return Err(ChannelError::BadCharacter(c));
+    }
     let levels = name.split('/').count();
     if levels > MAX_LEVELS {
         return Err(ChannelError::TooDeep(levels));
     }
     Ok(())
+}
+
+/// A code point no channel may contain (PROTOCOL.md, v1.1): a control
+/// character (U+0001–U+001F, U+007F–U+009F; U+0000 has its own error) or a
+/// Unicode non-character (U+FDD0–U+FDEF and every code point ending in FFFE
+/// or FFFF). MQTT 3.1.1 §1.5.3 lets a broker drop a client that sends one, and
+/// the bridge's broker session is shared by every client.
+pub fn is_forbidden_char(c: char) -> bool {
+    let u = u32::from(c);
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&u) || (u & 0xFFFE) == 0xFFFE
 }
 
 /// Checks a topic name (no wildcards). Reserved `$` names pass here; whether
@@ -280,6 +302,17 @@ mod tests {
         assert_eq!(validate_topic("a/+"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a/#"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a\0b"), Err(ChannelError::Nul));
+        for bad in ['\u{1}', '\u{7}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{fdd0}', '\u{fdef}']
+            .into_iter()
+            .chain(['\u{fffe}', '\u{ffff}', '\u{1fffe}', '\u{10ffff}'])
+        {
+            let name = format!("fleet/dev{bad}/commands");
+            assert_eq!(validate_topic(&name), Err(ChannelError::BadCharacter(bad)));
+            assert_eq!(validate_filter(&name), Err(ChannelError::BadCharacter(bad)));
+        }
+        for ok in ['\u{a0}', '\u{fdcf}', '\u{fdf0}', '\u{fffd}', '\u{1f600}', 'é'] {
+            assert!(validate_topic(&format!("a/{ok}")).is_ok(), "{ok:?}");
+        }
         assert_eq!(
             validate_topic(&"x".repeat(257)),
             Err(ChannelError::TooLong(257))

@@ -145,6 +145,46 @@ pub struct ServeArgs {
     #[arg(long, env = "BRIDGE_OUTBOUND_QUEUE", value_name = "FRAMES")]
     pub outbound_queue: Option<usize>,
 
+    /// Bytes queued for one connection (messages and retained replays) before it loses
+    /// messages (and is sent `lagged`) [default: 1048576].
+    #[arg(long, env = "BRIDGE_OUTBOUND_BYTES", value_name = "BYTES")]
+    pub outbound_bytes: Option<usize>,
+
+    /// Requests per second one connection may make on average, every action counted;
+    /// 0 = unlimited [default: 200].
+    #[arg(long, env = "BRIDGE_REQUEST_RATE", value_name = "PER_SEC")]
+    pub request_rate: Option<f64>,
+
+    /// Requests one connection may make in a burst [default: 400].
+    #[arg(long, env = "BRIDGE_REQUEST_BURST", value_name = "N")]
+    pub request_burst: Option<f64>,
+
+    /// A connection whose socket accepts no data for this long is closed (1008)
+    /// [default: 30].
+    #[arg(long, env = "BRIDGE_WRITE_TIMEOUT", value_name = "SECS")]
+    pub write_timeout: Option<f64>,
+
+    /// An HTTP request must complete its headers within this time, or its TCP
+    /// connection is closed [default: 10].
+    #[arg(long, env = "BRIDGE_HEADER_TIMEOUT", value_name = "SECS")]
+    pub header_timeout: Option<f64>,
+
+    /// WebSocket connections served at once; beyond it the upgrade gets HTTP 503
+    /// [default: 50000, at most the open-files limit allows].
+    #[arg(long, env = "BRIDGE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// An Origin (e.g. https://dash.example.com) whose pages may open WebSockets when auth
+    /// is off; '*' allows any (repeatable). The bridge's own origin is always allowed, and
+    /// with auth on every origin is (the token is the credential).
+    #[arg(
+        long = "allowed-origin",
+        env = "BRIDGE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Log format (logs go to stderr; filter with RUST_LOG) [default: text].
     #[arg(long, env = "BRIDGE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -155,6 +195,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub allowed_origins: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
@@ -175,7 +216,7 @@ pub struct MqttFile {
     pub embedded_broker: Option<SocketAddr>,
     pub client_id: Option<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -185,7 +226,7 @@ pub struct MqttFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     pub jwks: Option<PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
@@ -202,6 +243,12 @@ pub struct LimitsFile {
     pub publish_rate: Option<f64>,
     pub publish_burst: Option<f64>,
     pub outbound_queue: Option<usize>,
+    pub outbound_bytes: Option<usize>,
+    pub request_rate: Option<f64>,
+    pub request_burst: Option<f64>,
+    pub write_timeout: Option<f64>,
+    pub header_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +265,27 @@ pub enum Broker {
     Embedded(SocketAddr),
     /// Connect to an external broker.
     External { host: String, port: u16, tls: bool },
+}
+
+/// A password or key: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Auth mode.
@@ -247,7 +315,7 @@ pub struct Settings {
     pub broker: Broker,
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -264,6 +332,13 @@ pub struct Settings {
     pub publish_rate: f64,
     pub publish_burst: f64,
     pub outbound_queue: usize,
+    pub outbound_bytes: usize,
+    pub request_rate: f64,
+    pub request_burst: f64,
+    pub write_timeout: std::time::Duration,
+    pub header_timeout: std::time::Duration,
+    pub max_connections: usize,
+    pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
 }
 
@@ -280,7 +355,18 @@ pub enum ConfigError {
 
 /// Parses `mqtt://host:port` / `mqtts://host:port`.
 pub fn parse_mqtt_url(url: &str) -> Result<Broker, ConfigError> {
-    let bad = |why: &str| ConfigError::Invalid(format!("--mqtt-url {url:?}: {why}"));
+    // The URL as an error may show it: any `user:password@` taken out.
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://<credentials>@{host}"),
+            None => url.to_string(),
+        },
+        None => match url.rsplit_once('@') {
+            Some((_, host)) => format!("<credentials>@{host}"),
+            None => url.to_string(),
+        },
+    };
+    let bad = |why: &str| ConfigError::Invalid(format!("--mqtt-url {shown:?}: {why}"));
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected mqtt://HOST:PORT or mqtts://HOST:PORT"))?;
@@ -328,6 +414,21 @@ pub fn parse_mqtt_url(url: &str) -> Result<Broker, ConfigError> {
     })
 }
 
+/// A duration setting in seconds: positive and finite.
+fn seconds(
+    name: &str,
+    value: Option<f64>,
+    default: f64,
+) -> Result<std::time::Duration, ConfigError> {
+    let secs = value.unwrap_or(default);
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be a positive number of seconds (got {secs})"
+        )));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn default_client_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -369,7 +470,7 @@ impl Settings {
         };
         let secret = secret_env
             .filter(|s| !s.is_empty())
-            .or(file.auth.jwt_secret);
+            .or(file.auth.jwt_secret.map(|s| s.0));
         let jwks = args.jwks.clone().or(file.auth.jwks);
         let auth = match (secret, jwks) {
             (Some(_), Some(_)) => {
@@ -409,6 +510,30 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "outbound_queue must be at least 2".into(),
             ));
+        }
+        let outbound_bytes = args
+            .outbound_bytes
+            .or(file.limits.outbound_bytes)
+            .unwrap_or(1024 * 1024);
+        if outbound_bytes < limits.max_payload_bytes + 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "outbound_bytes ({outbound_bytes}) must hold at least one message of \
+                 max_payload_bytes ({}) plus its frame (1024 bytes)",
+                limits.max_payload_bytes
+            )));
+        }
+        let allowed_origins = if args.allowed_origins.is_empty() {
+            file.allowed_origins.unwrap_or_default()
+        } else {
+            args.allowed_origins.clone()
+        };
+        for o in &allowed_origins {
+            if o != "*" && o != "null" && !o.contains("://") {
+                return Err(ConfigError::Invalid(format!(
+                    "allowed origin {o:?}: expected SCHEME://HOST[:PORT] (e.g. https://dash.example.com), \
+                     'null' or '*'"
+                )));
+            }
         }
         let reserved = if args.reserved_channels.is_empty() {
             file.channels.reserved.unwrap_or_default()
@@ -459,6 +584,7 @@ impl Settings {
             username: args.mqtt_username.clone().or(file.mqtt.username),
             password: password_env
                 .filter(|s| !s.is_empty())
+                .map(Secret)
                 .or(file.mqtt.password),
             ca: args.mqtt_ca.clone().or(file.mqtt.ca),
             cert,
@@ -489,6 +615,30 @@ impl Settings {
                 .or(file.limits.publish_burst)
                 .unwrap_or(200.0),
             outbound_queue,
+            outbound_bytes,
+            request_rate: args
+                .request_rate
+                .or(file.limits.request_rate)
+                .unwrap_or(200.0),
+            request_burst: args
+                .request_burst
+                .or(file.limits.request_burst)
+                .unwrap_or(400.0),
+            write_timeout: seconds(
+                "write_timeout",
+                args.write_timeout.or(file.limits.write_timeout),
+                30.0,
+            )?,
+            header_timeout: seconds(
+                "header_timeout",
+                args.header_timeout.or(file.limits.header_timeout),
+                10.0,
+            )?,
+            max_connections: args
+                .max_connections
+                .or(file.limits.max_connections)
+                .unwrap_or(50_000),
+            allowed_origins,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
@@ -517,8 +667,53 @@ mod tests {
             }
         );
         assert!(parse_mqtt_url("http://x").is_err());
-        assert!(parse_mqtt_url("mqtt://u:p@x:1").is_err());
+        let e = parse_mqtt_url("mqtt://user:hunter2@x:1").unwrap_err().to_string();
+        assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
+        let e = parse_mqtt_url("http://u:hunter2@x").unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
         assert!(parse_mqtt_url("mqtt://:1").is_err());
+    }
+
+    #[test]
+    fn secrets_never_in_debug() {
+        let args = ServeArgs::default();
+        let s = Settings::resolve(&args, Some("jwt-secret-value".into()), Some("hunter2".into()))
+            .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("jwt-secret-value"), "{shown}");
+        assert_eq!(s.password.as_ref().map(Secret::expose), Some("hunter2"));
+    }
+
+    #[test]
+    fn abuse_limits() {
+        let s = Settings::resolve(&ServeArgs::default(), None, None).unwrap();
+        assert_eq!(s.outbound_bytes, 1024 * 1024);
+        assert_eq!(s.write_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(s.header_timeout, std::time::Duration::from_secs(10));
+        assert_eq!((s.request_rate, s.request_burst), (200.0, 400.0));
+        for bad in [
+            ServeArgs {
+                write_timeout: Some(0.0),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                header_timeout: Some(f64::NAN),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                outbound_bytes: Some(1000),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                allowed_origins: vec!["example.com".into()],
+                ..ServeArgs::default()
+            },
+        ] {
+            assert!(matches!(
+                Settings::resolve(&bad, None, None),
+                Err(ConfigError::Invalid(_))
+            ));
+        }
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum ErrorCode {
     TooLarge,
     TooManySubscriptions,
     RateLimited,
+    /// (v1.1) The token of an `auth` request was refused.
+    Unauthorized,
+    /// (v1.1) The connection's token expired; the server closes it (4001).
+    TokenExpired,
     Unavailable,
     Internal,
 }
@@ -39,6 +43,8 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -94,6 +100,10 @@ pub enum Request {
         retain: bool,
     },
     Ping,
+    /// (v1.1) Replace the connection's token; `None` when the frame has none.
+    Auth {
+        token: Option<String>,
+    },
 }
 
 /// A refused frame: the error frame to send back.
@@ -156,6 +166,8 @@ struct RawFrame<'a> {
     retain: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     retained: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// A field that is there, whatever its value (`null` included).
@@ -261,9 +273,12 @@ pub fn parse(text: &str, limits: &FrameLimits) -> Result<(Option<Id>, Request), 
             }
         }
         "ping" => Request::Ping,
+        "auth" => Request::Auth {
+            token: field(&id, "token", raw.token)?,
+        },
         other => {
             let msg = format!(
-                "unknown action {}; expected subscribe, unsubscribe, publish or ping",
+                "unknown action {}; expected subscribe, unsubscribe, publish, ping or auth",
                 json_string(other)
             );
             return Err(bad(&id, &msg));
@@ -429,6 +444,19 @@ mod tests {
             p(r#"{"action":"ping","extra":[1]}"#).unwrap(),
             (None, Request::Ping)
         );
+        assert_eq!(
+            p(r#"{"action":"auth","token":"t.k.n","id":3}"#).unwrap(),
+            (
+                Some(Id::Int(3.into())),
+                Request::Auth {
+                    token: Some("t.k.n".into())
+                }
+            )
+        );
+        assert_eq!(
+            p(r#"{"action":"auth"}"#).unwrap(),
+            (None, Request::Auth { token: None })
+        );
         assert!(matches!(
             p(r#"{"action":"publish","channel":"a","data":null}"#)
                 .unwrap()
@@ -465,6 +493,8 @@ mod tests {
             r#"{"action":"ping","id":null}"#,
             r#"{"action":"ping","id":{"a":1}}"#,
             r#"{"action":"ping","action":"ping"}"#,
+            r#"{"action":"auth","token":5}"#,
+            r#"{"action":"auth","token":null}"#,
         ] {
             assert_eq!(code(text), ErrorCode::BadRequest, "{text}");
         }

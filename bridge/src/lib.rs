@@ -3,8 +3,9 @@
 //! The core (no sockets, no AWS) decides what a frame means:
 //! [`channel`] names and filters, [`frame`] the wire format, [`payload`] the
 //! encodings, [`permissions`] and [`auth`] who may do what, [`session`] the
-//! decision both deployments execute, [`cover`] the broker subscriptions that
-//! guarantee one copy per connection, [`rate`] the publish rate limit.
+//! decision both deployments execute, [`request`] the order in which they
+//! carry it out, [`cover`] the broker subscriptions that guarantee one copy
+//! per connection, [`rate`] the per-connection rate limits.
 //!
 //! With the `server` feature (default), [`server`] is the self-hosted
 //! `bridge serve`, [`config`] its settings, [`client`] the little
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod payload;
 pub mod permissions;
 pub mod rate;
+pub mod request;
 pub mod session;
 
 #[cfg(feature = "server")]

@@ -65,8 +65,9 @@ impl Permissions {
 
     /// From a token's claims. `{sub}` in a pattern is the subject; a pattern
     /// that is not a valid filter after substitution, or a subject that is
-    /// not a plain level (empty, or containing `/`, `+`, `#`, NUL), grants
-    /// nothing, so a crafted subject cannot widen a pattern.
+    /// not a plain level (empty, starting with `$`, or containing `/`, `+`,
+    /// `#` or a character no channel may hold), grants nothing, so a crafted
+    /// subject can neither widen a pattern nor name a reserved channel.
     pub fn from_claims(subject: Option<&str>, channels: &ChannelsClaim) -> Self {
         let expand = |patterns: &[String]| -> Vec<String> {
             patterns
@@ -105,7 +106,11 @@ fn substitute(pattern: &str, subject: Option<&str>) -> Option<String> {
         return Some(pattern.to_string());
     }
     let sub = subject?;
-    if sub.is_empty() || sub.contains(['/', '+', '#', '\0']) {
+    if sub.is_empty()
+        || channel::is_reserved(sub)
+        || sub.contains(['/', '+', '#'])
+        || sub.chars().any(|c| c == '\0' || channel::is_forbidden_char(c))
+    {
         return None;
     }
     Some(pattern.replace("{sub}", sub))
@@ -145,11 +150,15 @@ mod tests {
 
     #[test]
     fn crafted_subject_grants_nothing() {
-        for sub in ["#", "a/b", "+", ""] {
+        for sub in ["#", "a/b", "+", "", "$SYS", "dev\u{7}", "x\u{fffe}"] {
             let p = Permissions::from_claims(Some(sub), &claims(&["users/{sub}/#"], &[]));
             assert!(!p.can_subscribe("users/x/y"), "{sub}");
             assert!(!p.can_subscribe(&format!("users/{sub}/y")), "{sub}");
         }
+        // `{sub}/#` with the subject `$SYS` would otherwise name `$SYS/#`.
+        let p = Permissions::from_claims(Some("$SYS"), &claims(&["{sub}/#"], &["{sub}/x"]));
+        assert!(!p.names_for_subscribe("$SYS/x") && !p.can_subscribe("$SYS/x"));
+        assert!(!p.names_for_publish("$SYS/x") && !p.can_publish("$SYS/x"));
         let p = Permissions::from_claims(None, &claims(&["users/{sub}/#", "a/#/b", "ok"], &[]));
         assert_eq!(p.subscribe, Grant::Filters(vec!["ok".into()]));
     }

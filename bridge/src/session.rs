@@ -1,13 +1,16 @@
 //! The decision both deployments share: given one client frame, the
 //! connection's permissions and the filters it already holds, what happens.
 //!
-//! Pure: no sockets, no clocks, no AWS. `bridge serve` and the `ws-handler`
-//! Lambda call [`decide`] and then carry out the [`Action`] (update their
-//! subscription store, publish to MQTT, send the reply). Every protocol rule
-//! about what a request may do lives here, once.
+//! Pure: no sockets, no AWS (the one clock read is a token's expiry check,
+//! inside [`Verifier::verify`]). `bridge serve` and the `ws-handler` Lambda
+//! call [`decide`] and then carry out the [`Action`] in the order
+//! [`crate::request::carry_out`] gives (update their subscription store,
+//! publish to MQTT, send the reply). Every protocol rule about what a request
+//! may do lives here, once.
 
 use std::collections::{BTreeSet, HashSet};
 
+use crate::auth::{Credentials, Verifier};
 use crate::channel::{self, ChannelError, Prefix};
 use crate::frame::{self, ErrorCode, FrameError, FrameLimits, Id, Request};
 use crate::permissions::Permissions;
@@ -40,6 +43,7 @@ impl Default for Policy {
 pub trait Held {
     fn holds(&self, filter: &str) -> bool;
     fn count(&self) -> usize;
+    fn filters(&self) -> Vec<&str>;
 }
 
 impl Held for BTreeSet<String> {
@@ -49,6 +53,9 @@ impl Held for BTreeSet<String> {
     fn count(&self) -> usize {
         self.len()
     }
+    fn filters(&self) -> Vec<&str> {
+        self.iter().map(String::as_str).collect()
+    }
 }
 
 impl Held for HashSet<String> {
@@ -57,6 +64,9 @@ impl Held for HashSet<String> {
     }
     fn count(&self) -> usize {
         self.len()
+    }
+    fn filters(&self) -> Vec<&str> {
+        self.iter().map(String::as_str).collect()
     }
 }
 
@@ -90,6 +100,12 @@ pub enum Action {
         qos: u8,
         retain: bool,
     },
+    /// (v1.1) Replace the connection's credentials (permissions and expiry)
+    /// with these, already verified and checked against what it holds.
+    Auth {
+        id: Option<Id>,
+        credentials: Credentials,
+    },
 }
 
 impl Action {
@@ -99,7 +115,8 @@ impl Action {
             Action::Reply(_) | Action::Refuse(_) => None,
             Action::Subscribe { id, .. }
             | Action::Unsubscribe { id, .. }
-            | Action::Publish { id, .. } => id.as_ref().map(frame::ack),
+            | Action::Publish { id, .. }
+            | Action::Auth { id, .. } => id.as_ref().map(frame::ack),
         }
     }
 
@@ -110,7 +127,8 @@ impl Action {
             Action::Refuse(e) => e.id.as_ref(),
             Action::Subscribe { id, .. }
             | Action::Unsubscribe { id, .. }
-            | Action::Publish { id, .. } => id.as_ref(),
+            | Action::Publish { id, .. }
+            | Action::Auth { id, .. } => id.as_ref(),
         }
     }
 }
@@ -123,13 +141,20 @@ fn refuse_with(id: &Option<Id>, code: ErrorCode, message: impl Into<String>) -> 
     refuse(FrameError::new(id.clone(), code, message))
 }
 
-/// Decides what one text frame does.
-pub fn decide(text: &str, perms: &Permissions, held: &dyn Held, policy: &Policy) -> Action {
+/// Decides what one text frame does. `verifier` is the deployment's token
+/// check (`None`: auth is off).
+pub fn decide(
+    text: &str,
+    perms: &Permissions,
+    held: &dyn Held,
+    policy: &Policy,
+    verifier: Option<&Verifier>,
+) -> Action {
     let (id, request) = match frame::parse(text, &policy.limits) {
         Ok(parsed) => parsed,
         Err(e) => return refuse(e),
     };
-    decide_request(id, request, perms, held, policy)
+    decide_request(id, request, perms, held, policy, verifier)
 }
 
 /// What a binary frame gets: the protocol is JSON text only.
@@ -144,22 +169,13 @@ pub fn decide_request(
     perms: &Permissions,
     held: &dyn Held,
     policy: &Policy,
+    verifier: Option<&Verifier>,
 ) -> Action {
     match request {
         Request::Ping => Action::Reply(Some(frame::pong(id.as_ref()))),
         Request::Subscribe { channel, retained } => {
-            if let Err(e) = check_channel(&channel, policy, perms.names_for_subscribe(&channel)) {
-                return refuse_with(&id, ErrorCode::InvalidChannel, e.to_string());
-            }
-            if !perms.can_subscribe(&channel) {
-                return refuse_with(
-                    &id,
-                    ErrorCode::Forbidden,
-                    format!(
-                        "not allowed to subscribe to {}",
-                        frame::json_string(&channel)
-                    ),
-                );
+            if let Err((code, message)) = may_subscribe(&channel, perms, policy) {
+                return refuse_with(&id, code, message);
             }
             if !held.holds(&channel) && held.count() >= policy.max_subscriptions {
                 return refuse(too_many_subscriptions(id, policy));
@@ -206,7 +222,60 @@ pub fn decide_request(
                 retain,
             }
         }
+        Request::Auth { token } => {
+            let Some(verifier) = verifier else {
+                // Auth off: acknowledged, nothing changes.
+                return Action::Reply(id.as_ref().map(frame::ack));
+            };
+            let credentials = match verifier.verify(token.as_deref().unwrap_or("")) {
+                Ok(c) => c,
+                Err(e) => return refuse_with(&id, ErrorCode::Unauthorized, e.to_string()),
+            };
+            if credentials.perms.subject != perms.subject {
+                return refuse_with(
+                    &id,
+                    ErrorCode::Unauthorized,
+                    "the token names another subject than the connection's",
+                );
+            }
+            for filter in held.filters() {
+                if may_subscribe(filter, &credentials.perms, policy).is_err() {
+                    return refuse_with(
+                        &id,
+                        ErrorCode::Forbidden,
+                        format!(
+                            "the new token does not allow {}, which this connection holds; \
+                             unsubscribe first",
+                            frame::json_string(filter)
+                        ),
+                    );
+                }
+            }
+            Action::Auth { id, credentials }
+        }
     }
+}
+
+/// Whether `perms` may subscribe to `channel` under the deployment's rules;
+/// the refusal's code and message when not.
+fn may_subscribe(
+    channel: &str,
+    perms: &Permissions,
+    policy: &Policy,
+) -> Result<(), (ErrorCode, String)> {
+    if let Err(e) = check_channel(channel, policy, perms.names_for_subscribe(channel)) {
+        return Err((ErrorCode::InvalidChannel, e.to_string()));
+    }
+    if !perms.can_subscribe(channel) {
+        return Err((
+            ErrorCode::Forbidden,
+            format!(
+                "not allowed to subscribe to {}",
+                frame::json_string(channel)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The refusal of a subscribe over the per-connection limit; also for stores
@@ -280,7 +349,7 @@ mod tests {
     use crate::permissions::ChannelsClaim;
 
     fn run(text: &str, perms: &Permissions, held: &BTreeSet<String>) -> Action {
-        decide(text, perms, held, &Policy::default())
+        decide(text, perms, held, &Policy::default(), None)
     }
 
     fn error_code(action: &Action) -> String {
@@ -328,6 +397,7 @@ mod tests {
             &all,
             &held,
             &policy,
+            None,
         );
         assert_eq!(error_code(&a), "too_many_subscriptions");
         // Re-subscribing a held filter is not a new subscription.
@@ -336,6 +406,7 @@ mod tests {
             &all,
             &held,
             &policy,
+            None,
         );
         assert!(matches!(a, Action::Subscribe { .. }));
     }
@@ -378,6 +449,7 @@ mod tests {
             &all,
             &held,
             &policy,
+            None,
         );
         assert!(matches!(a, Action::Subscribe { .. }));
         let named = Permissions::from_claims(
@@ -426,6 +498,7 @@ mod tests {
             &p,
             &held,
             &policy,
+            None,
         );
         assert!(matches!(a, Action::Publish { ref mqtt, .. } if mqtt == "t1/fleet/d/commands"));
         let a = decide(
@@ -433,8 +506,73 @@ mod tests {
             &Permissions::allow_all(),
             &held,
             &policy,
+            None,
         );
         assert_eq!(error_code(&a), "invalid_channel");
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let key = EncodingKey::from_secret(SECRET).unwrap();
+        encode(&Header::default(), &claims, &key).unwrap()
+    }
+
+    const SECRET: &[u8] = b"session-tests-secret-0123456789ab";
+
+    fn auth_frame(claims: serde_json::Value) -> String {
+        serde_json::json!({"action":"auth","id":"a","token":token(claims)}).to_string()
+    }
+
+    #[test]
+    fn auth_replaces_credentials_within_the_rules() {
+        use crate::auth::{AuthSettings, Verifier};
+        let v = Verifier::hs256(SECRET, AuthSettings::default()).unwrap();
+        let exp = crate::auth::now_secs() + 600;
+        let old = Permissions::from_claims(
+            Some("u1"),
+            &ChannelsClaim {
+                subscribe: vec!["fleet/#".into()],
+                publish: vec![],
+            },
+        );
+        let mut held = BTreeSet::new();
+        held.insert("fleet/+/t".to_string());
+        let policy = Policy::default();
+        let claims = |sub: &str, filters: &[&str], exp: u64| {
+            serde_json::json!({"sub": sub, "exp": exp, "channels": {"subscribe": filters}})
+        };
+        // Same subject, still allows what is held: the new credentials.
+        let a = decide(
+            &auth_frame(claims("u1", &["fleet/+/t", "x"], exp)),
+            &old,
+            &held,
+            &policy,
+            Some(&v),
+        );
+        match &a {
+            Action::Auth { credentials, .. } => {
+                assert_eq!(credentials.expires_at, Some(exp));
+                assert!(credentials.perms.can_subscribe("x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.ack().as_deref(), Some(r#"{"type":"ack","id":"a"}"#));
+        // No longer allows a held filter: forbidden, nothing changes.
+        let a = decide(&auth_frame(claims("u1", &["x"], exp)), &old, &held, &policy, Some(&v));
+        assert_eq!(error_code(&a), "forbidden");
+        // Another subject, an expired token, garbage, no token: unauthorized.
+        for frame in [
+            auth_frame(claims("u2", &["fleet/#"], exp)),
+            auth_frame(claims("u1", &["fleet/#"], exp - 1200)),
+            r#"{"action":"auth","token":"x.y.z"}"#.to_string(),
+            r#"{"action":"auth"}"#.to_string(),
+        ] {
+            let a = decide(&frame, &old, &held, &policy, Some(&v));
+            assert_eq!(error_code(&a), "unauthorized", "{frame}");
+        }
+        // Auth off: acknowledged, nothing to do.
+        let a = decide(r#"{"action":"auth","id":1}"#, &old, &held, &policy, None);
+        assert_eq!(a, Action::Reply(Some(r#"{"type":"ack","id":1}"#.into())));
     }
 
     #[test]

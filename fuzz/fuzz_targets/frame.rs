@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         ),
     ];
     for p in &perms {
-        match decide(text, p, &held, &policy) {
+        match decide(text, p, &held, &policy, None) {
             Action::Refuse(e) => {
                 let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error frame is JSON");
                 assert!(CODES.contains(&v["code"].as_str().unwrap()));

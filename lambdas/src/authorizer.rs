@@ -220,9 +220,9 @@ impl Authorizer {
         match verifier.verify(token) {
             Err(AuthError::UnknownKey) if matches!(self.keys, Keys::Jwks { .. }) => {
                 let fresh = self.verifier(true).await?;
-                fresh.verify(token).map_err(|e| e.to_string())
+                fresh.verify(token).map(|c| c.perms).map_err(|e| e.to_string())
             }
-            other => other.map_err(|e| e.to_string()),
+            other => other.map(|c| c.perms).map_err(|e| e.to_string()),
         }
     }
 

@@ -196,6 +196,7 @@ impl Handler {
                 &Permissions::allow_all(),
                 &BTreeSet::new(),
                 policy,
+                None,
             ) {
                 Action::Reply(reply) => reply,
                 other => Some(self.refuse(id, other)),
@@ -208,10 +209,11 @@ impl Handler {
             Err(e) => return Some(store_failed(req_id.as_ref(), id, &e)),
         };
         let held = &conn.held;
-        let action = session::decide_request(req_id, request, &conn.perms, held, policy);
+        let action = session::decide_request(req_id, request, &conn.perms, held, policy, None);
         let ack = action.ack();
         match action {
             Action::Reply(reply) => reply,
+            Action::Auth { .. } => ack,
             Action::Refuse(e) => Some(self.refuse(id, Action::Refuse(e))),
             Action::Subscribe {
                 id: req_id,

@@ -17,7 +17,7 @@ use lambdas::config::AuthorizerConfig;
 use serde_json::{json, Value};
 use support::*;
 
-const SECRET: &str = "test-secret-0123456789";
+const SECRET: &str = "test-secret-0123456789-0123456789ab";
 const ARN: &str = "arn:aws:execute-api:us-east-1:123456789012:abcd1234/test/$connect";
 
 fn hs256() -> Authorizer {

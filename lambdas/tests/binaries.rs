@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 use support::*;
 
-const SECRET: &str = "scenario-secret";
+const SECRET: &str = "scenario-secret-0123456789abcdef0123";
 
 struct Deployment {
     standin: StandIn,

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tests::{hs256_token, now, Backend, Client, Opts, Setup};
 
-const SECRET: &str = "test-secret-please-ignore";
+const SECRET: &str = "test-secret-please-ignore-0123456789";
 
 fn secured(backend: Backend) -> Setup {
     Setup::with(backend, Opts::default().env("BRIDGE_JWT_SECRET", SECRET))

@@ -8,15 +8,15 @@
 //!   de-duplicates per connection).
 //! * The frame is serialized once and shared (`Utf8Bytes` is
 //!   reference-counted) by every recipient's queue.
-//! * Each connection has a bounded queue; when it is full the message is
-//!   dropped *for that connection only*, counted, and the connection is told
-//!   with a `lagged` frame. The hub never waits.
+//! * Each connection has a queue bounded in frames *and* bytes; when it is
+//!   full the message is dropped *for that connection only*, counted, and the
+//!   connection is told with a `lagged` frame. The hub never waits.
 //!
 //! Only [`crate::server::mqtt::Link`] changes the index (it keeps the broker
 //! cover in step); deliveries only read it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,43 +56,69 @@ pub struct Conn {
     tx: mpsc::Sender<Outbound>,
     /// Messages dropped and not yet reported with `lagged`.
     dropped: AtomicU64,
+    /// Bytes of the frames in the queue.
+    queued_bytes: AtomicUsize,
+    /// Most bytes the queue may hold.
+    max_bytes: usize,
 }
 
 impl Conn {
-    pub fn new(id: ConnId, tx: mpsc::Sender<Outbound>) -> Self {
+    /// A connection whose queue (`tx`'s capacity in frames) holds at most
+    /// `max_bytes` of frames.
+    pub fn new(id: ConnId, tx: mpsc::Sender<Outbound>, max_bytes: usize) -> Self {
         Conn {
             id,
             tx,
             dropped: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
         }
     }
 
     /// Queues a frame without waiting. When messages were dropped before it,
     /// a `lagged` notice goes first, so the client sees where the gap is.
-    /// Returns false when the queue is full (the message is dropped).
+    /// Returns false when the queue is full, in frames or bytes (the message
+    /// is dropped).
     fn offer(&self, delivery: &Arc<Delivery>) -> bool {
-        if self.dropped.load(Ordering::Relaxed) == 0 {
-            if self
-                .tx
-                .try_send(Outbound::Message(delivery.clone()))
-                .is_ok()
-            {
-                return true;
-            }
-        } else if let Ok(mut permits) = self.tx.try_reserve_many(2) {
-            let n = self.dropped.swap(0, Ordering::Relaxed);
-            if n > 0 {
+        let len = delivery.frame.len();
+        // Reserve the bytes first: the writer may take the frame at once.
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before + len <= self.max_bytes {
+            if self.dropped.load(Ordering::Relaxed) == 0 {
+                if self
+                    .tx
+                    .try_send(Outbound::Message(delivery.clone()))
+                    .is_ok()
+                {
+                    return true;
+                }
+            } else if let Ok(mut permits) = self.tx.try_reserve_many(2) {
+                let n = self.dropped.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    if let Some(p) = permits.next() {
+                        p.send(Outbound::Lagged(n));
+                    }
+                }
                 if let Some(p) = permits.next() {
-                    p.send(Outbound::Lagged(n));
+                    p.send(Outbound::Message(delivery.clone()));
+                    return true;
                 }
             }
-            if let Some(p) = permits.next() {
-                p.send(Outbound::Message(delivery.clone()));
-                return true;
-            }
         }
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
         self.dropped.fetch_add(1, Ordering::Relaxed);
         false
+    }
+
+    /// The writer took a frame of `len` bytes off the queue.
+    pub fn dequeued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Counts `n` messages lost for this connection outside the queue (a
+    /// retained replay over the bound), to be reported with `lagged`.
+    pub fn lost(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Takes the count of dropped messages not yet reported (for the writer
@@ -312,7 +338,7 @@ mod tests {
 
     fn conn(id: ConnId, cap: usize) -> (Arc<Conn>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(cap);
-        (Arc::new(Conn::new(id, tx)), rx)
+        (Arc::new(Conn::new(id, tx, usize::MAX / 2)), rx)
     }
 
     fn hub() -> Hub {
@@ -392,6 +418,28 @@ mod tests {
         let got = drain(&mut ra);
         assert_eq!(got[0], "lagged 3");
         assert!(got[1].contains("\"data\":5"));
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes() {
+        let hub = hub();
+        let (tx, mut rx) = mpsc::channel(100);
+        let frame_len = frame::message("t", b"0123456789", false).len();
+        let a = Arc::new(Conn::new(1, tx, 3 * frame_len));
+        hub.insert("t", &a);
+        for _ in 0..5 {
+            hub.deliver("t", b"0123456789", Instant::now());
+        }
+        // Three fit in the bytes, two are lost.
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 3);
+        // Taking them off the queue frees the bytes: the next one gets in,
+        // after the `lagged` notice.
+        a.dequeued(3 * frame_len);
+        hub.deliver("t", b"0123456789", Instant::now());
+        let got = drain(&mut rx);
+        assert_eq!(got[0], "lagged 2");
+        assert_eq!(got.len(), 2);
     }
 
     #[test]

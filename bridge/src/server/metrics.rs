@@ -35,6 +35,12 @@ pub struct Metrics {
     dropped_too_large: Counter,
     errors: Family<Labels, Counter>,
     pub auth_rejected: Counter,
+    handshakes_refused: Family<Labels, Counter>,
+    /// Connections closed because their socket accepted no data in time.
+    pub stalled_closed: Counter,
+    /// Times the broker was found to end the bridge's session again and
+    /// again with nothing in flight (another client with its client id).
+    pub broker_takeovers: Counter,
     pub latency: Histogram,
 }
 
@@ -118,6 +124,25 @@ impl Metrics {
             "WebSocket handshakes refused for a missing, bad or expired token",
             auth_rejected.clone(),
         );
+        let handshakes_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "handshakes_refused",
+            "WebSocket handshakes refused before auth, by reason (origin, capacity)",
+            handshakes_refused.clone(),
+        );
+        let stalled_closed = Counter::default();
+        registry.register(
+            "stalled_closed",
+            "Connections closed (1008) because their socket accepted no data in time",
+            stalled_closed.clone(),
+        );
+        let broker_takeovers = Counter::default();
+        registry.register(
+            "broker_takeovers",
+            "Episodes of the broker ending the bridge's session again and again soon after \
+             connecting with nothing in flight (another MQTT client with the same client id)",
+            broker_takeovers.clone(),
+        );
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "delivery_latency_seconds",
@@ -139,6 +164,9 @@ impl Metrics {
             dropped_too_large,
             errors,
             auth_rejected,
+            handshakes_refused,
+            stalled_closed,
+            broker_takeovers,
             latency,
         }
     }
@@ -148,6 +176,12 @@ impl Metrics {
             DropReason::Lagged => self.dropped_lagged.inc_by(n),
             DropReason::TooLarge => self.dropped_too_large.inc_by(n),
         };
+    }
+
+    pub fn handshakes_refused(&self, reason: &'static str) {
+        self.handshakes_refused
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     pub fn error(&self, code: &'static str) {

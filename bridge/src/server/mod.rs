@@ -6,20 +6,26 @@
 //! * [`mqtt`]: the bridge's MQTT session and its broker subscriptions;
 //! * [`retained`]: retained-message replay for `"retained": true`;
 //! * [`hub`]: who holds which filter, and fan-out;
-//! * [`ws`]: one WebSocket connection;
+//! * [`http`]: accepting connections, with a header deadline;
+//! * [`origin`]: which pages may open a WebSocket;
+//! * [`ws`]: one WebSocket connection, over a [`socket`] whose writes have a
+//!   deadline;
 //! * [`metrics`]: the counters behind `GET /metrics`.
 
 pub mod broker;
+pub mod http;
 pub mod hub;
 pub mod linger;
 pub mod metrics;
 pub mod mqtt;
+pub mod origin;
 pub mod retained;
+pub mod socket;
 pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,10 +50,18 @@ pub struct App {
     pub metrics: Arc<metrics::Metrics>,
     pub verifier: Option<Verifier>,
     pub policy: Policy,
+    pub origins: origin::Origins,
     pub outbound_queue: usize,
+    pub outbound_bytes: usize,
+    pub request_rate: f64,
+    pub request_burst: f64,
     pub publish_rate: f64,
     pub publish_burst: f64,
     pub hard_frame_bytes: usize,
+    pub write_timeout: Duration,
+    /// WebSocket connections open (or being upgraded) and the cap.
+    pub open_connections: AtomicUsize,
+    pub max_connections: usize,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Debug builds with BRIDGE_FAULT_INJECTION set: publishing to
@@ -150,7 +164,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let (link, eventloop) = mqtt::Link::new(opts, hub.clone(), metrics.clone());
     let fetch_id = format!("{}-r", settings.client_id);
     let opts = mqtt::mqtt_options(&settings, &fetch_id, true).map_err(StartError::Mqtt)?;
-    let (fetcher, fetch_loop) = retained::Retained::new(opts);
+    let (fetcher, fetch_loop) = retained::Retained::new(opts, settings.outbound_bytes);
     let (stop_mqtt, stop_rx) = watch::channel(false);
     let link_task = tokio::spawn(mqtt::drive(link.clone(), eventloop, stop_rx.clone()));
     let fetch_task = tokio::spawn(mqtt::drive(fetcher.clone(), fetch_loop, stop_rx));
@@ -184,10 +198,17 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
             limits: settings.limits,
             max_subscriptions: settings.max_subscriptions,
         },
+        origins: origin::Origins::new(&settings.allowed_origins),
         outbound_queue: settings.outbound_queue,
+        outbound_bytes: settings.outbound_bytes,
+        request_rate: settings.request_rate,
+        request_burst: settings.request_burst,
         publish_rate: settings.publish_rate,
         publish_burst: settings.publish_burst,
         hard_frame_bytes: settings.hard_frame_bytes,
+        write_timeout: settings.write_timeout,
+        open_connections: AtomicUsize::new(0),
+        max_connections: connection_cap(settings.max_connections),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         #[cfg(debug_assertions)]
@@ -220,33 +241,28 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     println!("bridge listening on {scheme}://{local}/ws");
 
     let shutdown = app.shutdown.clone();
-    let stopped = async move {
+    tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = signal() => {}
         }
         tracing::info!("shutting down: closing WebSocket connections and the MQTT session");
         shutdown.cancel();
-    };
-    let served = match tls {
+    });
+    let header_timeout = settings.header_timeout;
+    match tls {
         Some(config) => {
             let listener =
                 tls::TlsListener::new(listener, config).map_err(|source| StartError::Listen {
                     addr: local,
                     source,
                 })?;
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stopped)
-                .await
+            http::serve(listener, router, header_timeout, app.shutdown.clone()).await
         }
         None => {
-            axum::serve(linger::LingerListener(listener), router)
-                .with_graceful_shutdown(stopped)
-                .await
+            let listener = linger::LingerListener(listener);
+            http::serve(listener, router, header_timeout, app.shutdown.clone()).await
         }
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP server failed");
     }
     app.tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), app.tracker.wait())
@@ -261,6 +277,33 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let _ = fetch_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The connection cap, within what the open-files limit allows (each
+/// connection is a file descriptor; some are kept for everything else).
+fn connection_cap(wanted: usize) -> usize {
+    const RESERVE: u64 = 256;
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            let fits = lim.rlim_cur.saturating_sub(RESERVE).max(RESERVE) as usize;
+            if fits < wanted {
+                tracing::warn!(
+                    wanted,
+                    cap = fits,
+                    open_files = lim.rlim_cur,
+                    "the open-files limit caps WebSocket connections lower than --max-connections"
+                );
+                return fits;
+            }
+        }
+    }
+    wanted
 }
 
 async fn signal() {

@@ -42,6 +42,15 @@ use crate::server::metrics::Metrics;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Filters per SUBSCRIBE packet (AWS IoT Core accepts at most 8).
 const FILTERS_PER_SUBSCRIBE: usize = 8;
+/// A session that lasted this long was not flapping: the backoff starts over.
+pub const STABLE: Duration = Duration::from_secs(10);
+/// Sessions in a row shorter than [`STABLE`] after which the broker is taken
+/// to be flapping (and, with nothing in flight, a client-id collision).
+pub const FLAPPING: u32 = 3;
+/// Longest wait between reconnects...
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// ...and while flapping.
+const MAX_BACKOFF_FLAPPING: Duration = Duration::from_secs(60);
 /// Largest MQTT packet accepted from the broker. Larger than any payload we
 /// deliver: an oversize message is counted and skipped, never a reason to
 /// drop the connection (the broker would redeliver it forever).
@@ -156,6 +165,10 @@ struct Batch {
 #[derive(Default)]
 struct State {
     connected: bool,
+    /// When the current session began.
+    connected_at: Option<Instant>,
+    /// Sessions in a row that the broker ended soon, with nothing in flight.
+    quiet_drops: u32,
     committed: Cover,
     /// Filters subscribed at the broker and not confirmed unsubscribed.
     broker: BTreeSet<String>,
@@ -169,6 +182,7 @@ struct State {
 
 /// The bridge's MQTT session.
 pub struct Link {
+    client_id: String,
     state: Mutex<State>,
     client: AsyncClient,
     hub: Arc<Hub>,
@@ -196,7 +210,8 @@ pub fn mqtt_options(
     );
     opts.set_inflight(100);
     if let Some(user) = &settings.username {
-        opts.set_credentials(user.clone(), settings.password.clone().unwrap_or_default());
+        let password = settings.password.as_ref().map_or("", |p| p.expose());
+        opts.set_credentials(user.clone(), password);
     }
     if tls {
         let read = |p: &std::path::PathBuf| {
@@ -244,9 +259,11 @@ pub fn system_ca_bundle() -> Option<Vec<u8>> {
 impl Link {
     /// Creates the link; [`drive`] must then poll the event loop.
     pub fn new(opts: MqttOptions, hub: Arc<Hub>, metrics: Arc<Metrics>) -> (Arc<Link>, EventLoop) {
+        let client_id = opts.client_id();
         let (client, eventloop) = AsyncClient::new(opts, 4096);
         let (up, _) = watch::channel(false);
         let link = Arc::new(Link {
+            client_id,
             state: Mutex::new(State::default()),
             client,
             hub,
@@ -449,43 +466,94 @@ impl Link {
         }
     }
 
-    fn on_error(&self, eventloop: &EventLoop, error: &ConnectionError, attempt: u32) {
+    fn on_error(
+        &self,
+        eventloop: &mut EventLoop,
+        error: &ConnectionError,
+        attempt: u32,
+        lasted: Option<Duration>,
+    ) {
+        // Events rumqttc produced but has not returned yet are taken now, so
+        // the correlators know exactly what was sent.
+        let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+        for event in stale {
+            self.on_event(event);
+        }
+        // The publishes that were on the wire: rumqttc keeps them to re-send
+        // on the next session. A broker that dropped the session because of
+        // one of them would drop it again after every reconnect, for ever, so
+        // they are never re-sent: their clients are told, and may retry.
+        let mut suspects: Vec<(String, usize)> = Vec::new();
+        eventloop.pending.retain(|r| match r {
+            Request::Publish(p) if p.pkid != 0 => {
+                suspects.push((p.topic.clone(), p.payload.len()));
+                false
+            }
+            _ => true,
+        });
         let mut st = self.state.lock();
         let was_up = st.connected;
         st.connected = false;
         self.up.send_replace(false);
         self.metrics.broker_up.set(0);
-        if was_up {
+        let in_flight = !st.publishes.inflight.is_empty()
+            || !st.subscribes.inflight.is_empty()
+            || !st.unsubscribes.inflight.is_empty()
+            || st.batch.is_some();
+        for (_, reply) in st.publishes.inflight.drain() {
+            let _ = reply.send(Err(unavailable(
+                "the MQTT broker closed the bridge's connection before acknowledging this \
+                 publish; it was not re-sent (it may or may not have been published)",
+            )));
+        }
+        if let Some((topic, bytes)) = suspects.first() {
+            tracing::warn!(
+                %error,
+                publishes = suspects.len(),
+                first_topic = %topic,
+                first_bytes = bytes,
+                "the MQTT broker closed the connection with publishes in flight; they are not \
+                 re-sent (their clients get `unavailable`)"
+            );
+        } else if was_up {
             tracing::warn!(%error, "MQTT connection lost; reconnecting");
         } else if attempt == 1 || attempt.is_multiple_of(30) {
             tracing::warn!(%error, attempt, "cannot connect to the MQTT broker; retrying");
         } else {
             tracing::debug!(%error, attempt, "MQTT connect failed");
         }
-        // Mirror rumqttc: events it has not returned yet, then what it holds
-        // for the next session.
-        let count_events = |f: fn(&Outgoing) -> bool| {
-            eventloop
-                .state
-                .events
-                .iter()
-                .filter(|e| matches!(e, Event::Outgoing(o) if f(o)))
-                .count()
-        };
+        // A session the broker ends again and again soon after CONNACK, with
+        // nothing of ours in flight: most likely another client with our id
+        // (two nodes with the same --mqtt-client-id take the session from
+        // each other). `drive` backs off; say what it is, once.
+        match lasted {
+            Some(t) if t < STABLE && !in_flight && suspects.is_empty() => {
+                st.quiet_drops += 1;
+                if st.quiet_drops == FLAPPING {
+                    self.metrics.broker_takeovers.inc();
+                    tracing::error!(
+                        client_id = %self.client_id,
+                        "the MQTT broker closed the bridge's session {FLAPPING} times in a row \
+                         soon after connecting, with no request in flight: another MQTT client \
+                         is probably connected with the same client id. Give every bridge node \
+                         its own --mqtt-client-id. Reconnecting with a longer backoff."
+                    );
+                }
+            }
+            Some(t) if t >= STABLE => st.quiet_drops = 0,
+            _ => {}
+        }
+        // What rumqttc still holds for the next session (never sent).
         let count_pending =
             |f: fn(&Request) -> bool| eventloop.pending.iter().filter(|r| f(r)).count();
         st.publishes.lost(
-            count_events(|o| matches!(o, Outgoing::Publish(_) | Outgoing::AwaitAck(_))),
+            0,
             count_pending(|r| matches!(r, Request::Publish(p) if p.pkid == 0)),
         );
-        st.subscribes.lost(
-            count_events(|o| matches!(o, Outgoing::Subscribe(_))),
-            count_pending(|r| matches!(r, Request::Subscribe(_))),
-        );
-        st.unsubscribes.lost(
-            count_events(|o| matches!(o, Outgoing::Unsubscribe(_))),
-            count_pending(|r| matches!(r, Request::Unsubscribe(_))),
-        );
+        st.subscribes
+            .lost(0, count_pending(|r| matches!(r, Request::Subscribe(_))));
+        st.unsubscribes
+            .lost(0, count_pending(|r| matches!(r, Request::Unsubscribe(_))));
         // Waiting subscribers are told now rather than left hanging.
         if let Some(batch) = st.batch.take() {
             for w in batch.waiters {
@@ -504,6 +572,7 @@ impl Link {
     fn on_connack(&self, session_present: bool) {
         let mut st = self.state.lock();
         st.connected = true;
+        st.connected_at = Some(Instant::now());
         self.metrics.broker_connects.inc();
         self.metrics.broker_up.set(1);
         tracing::info!(session_present, "connected to the MQTT broker");
@@ -707,28 +776,84 @@ impl Link {
 /// What an MQTT connection's events go to (the link, the retained fetcher).
 pub trait Events: Send + Sync + 'static {
     fn on_event(&self, event: Event);
-    /// The connection failed (`attempt` counts failures since the last CONNACK).
-    fn on_error(&self, eventloop: &EventLoop, error: &ConnectionError, attempt: u32);
+    /// The connection failed (`attempt` counts failures since the last
+    /// CONNACK; `lasted` is how long the session had been up, if it was).
+    /// The event loop is given so that requests rumqttc would re-send can be
+    /// taken out.
+    fn on_error(
+        &self,
+        eventloop: &mut EventLoop,
+        error: &ConnectionError,
+        attempt: u32,
+        lasted: Option<Duration>,
+    );
 }
 
 impl Events for Link {
     fn on_event(&self, event: Event) {
         Link::on_event(self, event);
     }
-    fn on_error(&self, eventloop: &EventLoop, error: &ConnectionError, attempt: u32) {
-        Link::on_error(self, eventloop, error, attempt);
+    fn on_error(
+        &self,
+        eventloop: &mut EventLoop,
+        error: &ConnectionError,
+        attempt: u32,
+        lasted: Option<Duration>,
+    ) {
+        Link::on_error(self, eventloop, error, attempt, lasted);
+    }
+}
+
+/// The wait before reconnecting: capped exponential backoff (100 ms to 10 s),
+/// started over only by a session that lasted, and capped at a minute while
+/// sessions keep ending soon after they begin (flapping).
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    short_sessions: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Backoff {
+            next: Self::FIRST,
+            short_sessions: 0,
+        }
+    }
+
+    /// The wait after a failure; `lasted` is how long the session had been up.
+    fn after(&mut self, lasted: Option<Duration>) -> Duration {
+        match lasted {
+            Some(t) if t >= STABLE => {
+                self.next = Self::FIRST;
+                self.short_sessions = 0;
+            }
+            Some(_) => self.short_sessions += 1,
+            None => {}
+        }
+        let cap = if self.short_sessions >= FLAPPING {
+            MAX_BACKOFF_FLAPPING
+        } else {
+            MAX_BACKOFF
+        };
+        let wait = self.next.min(cap);
+        self.next = (self.next * 2).min(cap);
+        wait
     }
 }
 
 /// Polls an event loop until `stop` fires or the session says goodbye,
-/// reconnecting with capped exponential backoff (100 ms to 10 s, jittered).
+/// reconnecting with [`Backoff`] (plus up to 100 ms of jitter).
 pub async fn drive<E: Events>(
     events: Arc<E>,
     mut eventloop: EventLoop,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let mut attempt = 0u32;
+    let mut up_since: Option<Instant> = None;
     loop {
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
@@ -737,8 +862,8 @@ pub async fn drive<E: Events>(
         match polled {
             Ok(event) => {
                 if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
-                    backoff = Duration::from_millis(100);
                     attempt = 0;
+                    up_since = Some(Instant::now());
                 }
                 let disconnect = matches!(event, Event::Outgoing(Outgoing::Disconnect));
                 events.on_event(event);
@@ -748,16 +873,16 @@ pub async fn drive<E: Events>(
             }
             Err(error) => {
                 attempt += 1;
-                events.on_error(&eventloop, &error, attempt);
+                let lasted = up_since.take().map(|t| t.elapsed());
+                events.on_error(&mut eventloop, &error, attempt, lasted);
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos());
                 let jitter = Duration::from_millis(u64::from(nanos % 100));
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = tokio::time::sleep(backoff.after(lasted) + jitter) => {}
                     _ = stop.changed() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -783,6 +908,25 @@ mod tests {
         assert!(gone.contains(&4) && gone.contains(&2));
         assert_eq!(c.sent(0), Some(3));
         assert_eq!(c.sent(0), Some(5));
+    }
+
+    #[test]
+    fn backoff_grows_starts_over_after_a_stable_session_and_caps_when_flapping() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new();
+        // The broker is down: 100 ms, 200 ms, ... up to 10 s.
+        let waits: Vec<Duration> = (0..10).map(|_| b.after(None)).collect();
+        assert_eq!(waits[..3], [ms(100), ms(200), ms(400)]);
+        assert_eq!(waits[9], MAX_BACKOFF);
+        // A session that lasted: from the start again.
+        assert_eq!(b.after(Some(STABLE)), ms(100));
+        // Sessions that keep ending at once: the wait keeps growing (a CONNACK
+        // does not start it over), past 10 s once it is flapping.
+        let mut last = Duration::ZERO;
+        for _ in 0..12 {
+            last = b.after(Some(ms(50)));
+        }
+        assert_eq!(last, MAX_BACKOFF_FLAPPING);
     }
 
     #[test]

@@ -1,37 +1,44 @@
-//! One WebSocket connection: the handshake (auth), then one task that reads
-//! client frames, carries out what [`session::decide`] says, and writes the
-//! connection's queued messages.
+//! One WebSocket connection: the handshake (origin, connection cap, token),
+//! then one task that reads client frames, has [`session::decide`] say what
+//! each means and [`request::carry_out`] carry it out through this shell's
+//! [`Effects`], and writes the connection's queued messages.
 //!
 //! The task owns the socket, so replies (acks, errors, pongs, retained
 //! replays) are written in order with the messages. Publishes are pipelined:
 //! several may wait for the broker's ack at once, each acked when it is in.
-//! A connection that stops reading fills its own bounded queue and loses
-//! messages (told with `lagged`); nothing else waits for it.
+//! What one connection may cost the others is bounded: its requests by a
+//! rate (every action) and a lower one for publishes, its queue in frames
+//! and bytes (a slow reader loses messages, told with `lagged`), its writes
+//! by a deadline (a socket that accepts nothing is closed, 1008), and its
+//! life by its token's `exp` (`token_expired`, then close 4001).
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::auth;
-use crate::frame::{self, ErrorCode, FrameError, Id};
-use crate::permissions::Permissions;
+use crate::auth::{self, Credentials};
+use crate::frame::{self, ErrorCode, FrameError};
 use crate::rate::RateLimiter;
+use crate::request::{self, Effects, Hold, Publish, Refusal, Settle};
 use crate::server::hub::{Conn, Outbound};
 use crate::server::metrics::DropReason;
 use crate::server::mqtt::LinkError;
+use crate::server::origin;
+use crate::server::socket::{Broken, Socket};
 use crate::server::App;
-use crate::session::{self, Action, Undeliverable};
+use crate::session::{self, Undeliverable};
 
 /// tungstenite's read buffer per connection (its default, 128 KiB, would be
 /// most of an idle connection's memory). Larger frames grow it as needed.
@@ -40,15 +47,31 @@ const READ_BUFFER: usize = 2 * 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 /// Publishes one connection may have waiting for the broker at once.
 const MAX_PIPELINED: usize = 64;
-/// Frames written per wake-up before the reader gets a turn.
+/// Frames written per wake-up before the reader gets a turn...
 const WRITE_BATCH: usize = 64;
+/// ...and bytes: each write must be small enough that the write deadline
+/// measures the peer, not the batch.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// The server pings every connection this often; a client that sent nothing
 /// (not even a pong) for three of these is gone.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Close code for an expired token (PROTOCOL.md, v1.1).
+const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
-type Pending = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+type Pending = Pin<Box<dyn Future<Output = Result<Option<String>, FrameError>> + Send>>;
 
-/// `GET /ws`: checks the token, then upgrades.
+/// A reserved place under the connection cap, given back when dropped
+/// (when the connection ends, or when the upgrade never happens).
+struct Slot(Arc<App>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `GET /ws`: checks the origin, the connection cap and the token, then
+/// upgrades.
 pub async fn upgrade(
     mut ws: WebSocketUpgrade,
     Query(query): Query<HashMap<String, String>>,
@@ -58,24 +81,47 @@ pub async fn upgrade(
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let perms = match &app.verifier {
-        None => Permissions::allow_all(),
+    if !origin::allowed(&headers, &app.origins, app.verifier.is_some()) {
+        app.metrics.handshakes_refused("origin");
+        tracing::info!("WebSocket handshake refused: origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            "this origin may not open WebSockets here (see --allowed-origin)",
+        )
+            .into_response();
+    }
+    let credentials = match &app.verifier {
+        None => Credentials::anonymous(),
         Some(verifier) => {
             let authorization = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             let token = auth::presented(query.get("token").map(String::as_str), authorization);
             match verifier.verify(token.unwrap_or("")) {
-                Ok(perms) => perms,
+                Ok(credentials) => credentials,
                 Err(e) => {
                     app.metrics.auth_rejected.inc();
-                    // The reason only, never the token.
+                    // The reason only (fixed words), never the token.
                     tracing::info!(reason = %e, "WebSocket handshake refused");
                     return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
                 }
             }
         }
     };
+    let open = app.open_connections.fetch_add(1, Ordering::Relaxed);
+    let slot = Slot(app.clone());
+    if open >= app.max_connections {
+        app.metrics.handshakes_refused("capacity");
+        tracing::warn!(
+            limit = app.max_connections,
+            "WebSocket handshake refused: at the connection cap"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the bridge is at its connection limit; retry later",
+        )
+            .into_response();
+    }
     // A browser that offers subprotocols fails the handshake unless one is
     // selected: take the first, as the AWS deployment does.
     let first = ws.requested_protocols().next().cloned();
@@ -90,8 +136,8 @@ pub async fn upgrade(
         .max_frame_size(hard)
         .on_upgrade(move |socket| {
             let tracker = app.tracker.clone();
-            // Boxed: the socket would otherwise be stored twice in the task.
-            tracker.track_future(connection(Box::new(socket), app, perms))
+            let socket = Socket::new(socket, app.write_timeout);
+            tracker.track_future(connection(socket, app, credentials, slot))
         })
 }
 
@@ -99,10 +145,11 @@ pub async fn upgrade(
 struct Session {
     app: Arc<App>,
     conn: Arc<Conn>,
-    perms: Permissions,
+    credentials: Credentials,
     /// Client filters held (client names, not prefixed).
     held: BTreeSet<String>,
-    limiter: RateLimiter,
+    requests: RateLimiter,
+    publishes: RateLimiter,
 }
 
 enum Closing {
@@ -112,85 +159,115 @@ enum Closing {
     Close(u16, &'static str),
 }
 
+impl From<Broken> for Closing {
+    fn from(b: Broken) -> Self {
+        match b {
+            Broken::Gone => Closing::Gone,
+            Broken::Stalled => Closing::Close(1008, "not reading"),
+        }
+    }
+}
+
+/// When `expires_at` (seconds since the epoch) comes, as a timer instant.
+fn deadline(expires_at: u64) -> tokio::time::Instant {
+    let at = UNIX_EPOCH + Duration::from_secs(expires_at);
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
 /// One connection's task. Its future is what every idle connection costs, so
 /// the rarely used, large parts (handling a request) are boxed.
-async fn connection(mut socket: Box<WebSocket>, app: Arc<App>, perms: Permissions) {
+async fn connection(mut socket: Socket, app: Arc<App>, credentials: Credentials, _slot: Slot) {
     let id = app.next_conn_id();
     let (tx, mut rx) = mpsc::channel(app.outbound_queue);
-    let conn = Arc::new(Conn::new(id, tx));
+    let conn = Arc::new(Conn::new(id, tx, app.outbound_bytes));
     app.metrics.connections.inc();
     tracing::debug!(
         conn = id,
-        subject = perms.subject.as_deref().unwrap_or("-"),
+        subject = credentials.perms.subject.as_deref().unwrap_or("-"),
         "connected"
     );
-    let limiter = RateLimiter::new(app.publish_rate, app.publish_burst, Instant::now());
+    let now = Instant::now();
     let mut s = Session {
         app: app.clone(),
         conn,
-        perms,
+        credentials,
         held: BTreeSet::new(),
-        limiter,
+        requests: RateLimiter::new(app.request_rate, app.request_burst, now),
+        publishes: RateLimiter::new(app.publish_rate, app.publish_burst, now),
     };
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut last_heard = Instant::now();
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    // The token's end; boxed, and only with auth on.
+    let mut expiry = s
+        .credentials
+        .expires_at
+        .map(|at| (at, Box::pin(tokio::time::sleep_until(deadline(at)))));
     let closing = loop {
         // Unbiased: a busy queue must not starve the client's requests, nor
         // a chatty client its deliveries.
         tokio::select! {
             _ = app.shutdown.cancelled() => break Closing::Close(1001, "server shutting down"),
+            _ = async { expiry.as_mut().expect("guarded").1.as_mut().await }, if expiry.is_some() => {
+                break s.token_expired(&mut socket).await;
+            }
             Some(reply) = pending.next(), if !pending.is_empty() => {
-                if let Some(reply) = reply {
-                    if socket.send(Message::Text(reply.into())).await.is_err() {
-                        break Closing::Gone;
-                    }
+                let sent = match reply {
+                    Ok(Some(ack)) => socket.send(ack.into()).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => s.refuse(&mut socket, e).await,
+                };
+                if let Err(b) = sent {
+                    break b.into();
                 }
             }
             Some(out) = rx.recv() => {
-                if write_queued(&mut socket, &mut rx, &s, out).await.is_err() {
-                    break Closing::Gone;
+                if let Err(b) = write_queued(&mut socket, &mut rx, &s, out).await {
+                    break b.into();
                 }
             }
             incoming = socket.recv(), if pending.len() < MAX_PIPELINED => {
                 last_heard = Instant::now();
-                match incoming {
+                let text = match incoming {
                     None | Some(Ok(Message::Close(_))) => break Closing::Gone,
                     Some(Err(e)) => break closing_for(e),
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(closing) = Box::pin(s.handle(Some(&text), &mut socket, &mut pending)).await {
-                            break closing;
-                        }
+                    Some(Ok(Message::Text(text))) => Some(text),
+                    Some(Ok(Message::Binary(_))) => None,
+                    Some(Ok(_)) => continue, // ping / pong: tungstenite answers pings itself
+                };
+                if s.credentials.expired(auth::now_secs()) {
+                    break s.token_expired(&mut socket).await;
+                }
+                if let Some(closing) = Box::pin(s.handle(text.as_ref(), &mut socket, &mut pending)).await {
+                    break closing;
+                }
+                // An `auth` may have moved the end of the connection.
+                match (s.credentials.expires_at, &mut expiry) {
+                    (Some(at), Some((current, timer))) if at != *current => {
+                        *current = at;
+                        timer.as_mut().reset(deadline(at));
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        if let Some(closing) = Box::pin(s.handle(None, &mut socket, &mut pending)).await {
-                            break closing;
-                        }
-                    }
-                    Some(Ok(_)) => {} // ping / pong: tungstenite answers pings itself
+                    _ => {}
                 }
             }
             _ = keepalive.tick() => {
                 if last_heard.elapsed() > 3 * KEEPALIVE {
                     break Closing::Close(1001, "no answer to pings");
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break Closing::Gone;
+                if let Err(b) = socket.ping().await {
+                    break b.into();
                 }
             }
         }
     };
     if let Closing::Close(code, reason) = closing {
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
+        if code == 1008 {
+            app.metrics.stalled_closed.inc();
+            tracing::info!(conn = id, "closed a connection that accepted no data");
+        }
+        socket.close(code, reason).await;
     }
     let mqtt: Vec<String> = s
         .held
@@ -213,32 +290,31 @@ fn closing_for(e: axum::Error) -> Closing {
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a batch), then reports
-/// losses with `lagged` once the queue has run dry.
+/// Writes `first` and whatever else is queued (up to a batch, in frames and
+/// bytes), then reports losses with `lagged` once the queue has run dry.
 async fn write_queued(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     rx: &mut mpsc::Receiver<Outbound>,
     s: &Session,
     first: Outbound,
-) -> Result<(), axum::Error> {
+) -> Result<(), Broken> {
     let metrics = &s.app.metrics;
     let mut sent: Vec<Instant> = Vec::new();
     let mut next = Some(first);
-    let mut n = 0;
+    let (mut n, mut bytes) = (0, 0);
     while let Some(out) = next.take() {
         match out {
             Outbound::Message(delivery) => {
-                socket.feed(Message::Text(delivery.frame.clone())).await?;
+                let len = delivery.frame.len();
+                s.conn.dequeued(len);
+                socket.feed(delivery.frame.clone()).await?;
                 sent.push(delivery.at);
+                bytes += len;
             }
-            Outbound::Lagged(dropped) => {
-                socket
-                    .feed(Message::Text(frame::lagged(dropped).into()))
-                    .await?
-            }
+            Outbound::Lagged(dropped) => socket.feed(frame::lagged(dropped).into()).await?,
         }
         n += 1;
-        if n < WRITE_BATCH {
+        if n < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
             next = rx.try_recv().ok();
         }
     }
@@ -251,9 +327,7 @@ async fn write_queued(
     if rx.is_empty() {
         let dropped = s.conn.take_dropped();
         if dropped > 0 {
-            socket
-                .send(Message::Text(frame::lagged(dropped).into()))
-                .await?;
+            socket.send(frame::lagged(dropped).into()).await?;
         }
     }
     Ok(())
@@ -266,26 +340,52 @@ impl Session {
     /// reference, and the connection is closed (its state may be off).
     async fn handle(
         &mut self,
-        text: Option<&str>,
-        socket: &mut WebSocket,
+        text: Option<&Utf8Bytes>,
+        socket: &mut Socket,
         pending: &mut FuturesUnordered<Pending>,
     ) -> Option<Closing> {
+        if !self.requests.try_take(Instant::now()) {
+            let e = FrameError::new(
+                text.and_then(|t| frame::peek_id(t)),
+                ErrorCode::RateLimited,
+                format!(
+                    "over {} requests per second; this request was dropped (retry in {} ms)",
+                    self.app.request_rate,
+                    self.requests.retry_after().as_millis().max(1)
+                ),
+            );
+            return self.refuse(socket, e).await.err().map(Closing::from);
+        }
+        let mut shell = Shell {
+            s: self,
+            socket,
+            pending,
+            broken: None,
+        };
         let outcome = AssertUnwindSafe(async {
+            let s = &shell.s;
             let action = match text {
-                Some(text) => session::decide(text, &self.perms, &self.held, &self.app.policy),
+                Some(text) => session::decide(
+                    text,
+                    &s.credentials.perms,
+                    &s.held,
+                    &s.app.policy,
+                    s.app.verifier.as_ref(),
+                ),
                 None => session::decide_binary(),
             };
-            self.carry_out(action, socket, pending).await
+            #[cfg(debug_assertions)]
+            fault_injection(&s.app, &action);
+            request::carry_out(&mut shell, action).await;
         })
         .catch_unwind()
         .await;
         match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(Closing::Gone),
+            Ok(()) => shell.broken.map(Closing::from),
             Err(_) => {
                 let reference = format!("c{}-{}", self.conn.id, self.app.next_conn_id());
                 tracing::error!(reference, "bug: panic while handling a frame");
-                let id = text.and_then(frame::peek_id);
+                let id = text.and_then(|t| frame::peek_id(t));
                 let e = FrameError::new(
                     id,
                     ErrorCode::Internal,
@@ -297,141 +397,171 @@ impl Session {
         }
     }
 
-    async fn send(&self, socket: &mut WebSocket, text: String) -> Result<(), axum::Error> {
-        socket.send(Message::Text(text.into())).await
-    }
-
-    async fn refuse(&self, socket: &mut WebSocket, e: FrameError) -> Result<(), axum::Error> {
+    async fn refuse(&self, socket: &mut Socket, e: FrameError) -> Result<(), Broken> {
         self.app.metrics.error(e.code.as_str());
-        self.send(socket, e.to_json()).await
+        socket.send(e.to_json().into()).await
     }
 
-    async fn carry_out(
-        &mut self,
-        action: Action,
-        socket: &mut WebSocket,
-        pending: &mut FuturesUnordered<Pending>,
-    ) -> Result<(), axum::Error> {
-        // Debug builds only, for the test of the `internal` error path.
-        #[cfg(debug_assertions)]
-        if self.app.fault_injection {
-            if let Action::Publish { channel, .. } = &action {
-                assert!(channel != "fault-injection/panic", "fault injection");
-            }
-        }
-        let ack = action.ack();
-        match action {
-            Action::Reply(None) => Ok(()),
-            Action::Reply(Some(text)) => self.send(socket, text).await,
-            Action::Refuse(e) => self.refuse(socket, e).await,
-            Action::Subscribe {
-                id,
-                channel,
-                mqtt,
-                retained,
-            } => {
-                let fresh = !self.held.contains(&channel);
-                if let Err(e) = self.app.link.subscribe(&self.conn, &mqtt).await {
-                    return self.refuse(socket, link_error(id, e)).await;
-                }
-                self.held.insert(channel.clone());
-                if !retained {
-                    return match ack {
-                        Some(ack) => self.send(socket, ack).await,
-                        None => Ok(()),
-                    };
-                }
-                let messages = match self.app.retained.fetch(&mqtt).await {
-                    Ok(messages) => messages,
-                    Err(e) => {
-                        if fresh {
-                            self.held.remove(&channel);
-                            self.app.link.unsubscribe(self.conn.id, &mqtt);
-                        }
-                        return self.refuse(socket, link_error(id, e)).await;
-                    }
-                };
-                // The retained messages first, then the ack, then live
-                // messages: the order the AWS deployment gives too (there the
-                // ack is the route response, sent when the request ends).
-                let policy = &self.app.policy;
-                let mut sent = 0;
-                for (topic, payload) in &messages {
-                    let max = policy.limits.max_payload_bytes;
-                    match session::deliverable(&policy.prefix, max, topic, payload.len()) {
-                        Ok(name) => {
-                            socket
-                                .feed(Message::Text(frame::message(name, payload, true).into()))
-                                .await?;
-                            sent += 1;
-                        }
-                        Err(reason @ Undeliverable::TooLarge { .. }) => {
-                            self.app.metrics.dropped(DropReason::TooLarge, 1);
-                            tracing::warn!(topic, %reason, "retained message not delivered");
-                        }
-                        // The fetch asked for a filter inside the prefix.
-                        Err(Undeliverable::OutsidePrefix) => {}
-                    }
-                }
-                self.app.metrics.deliveries.inc_by(sent);
-                if let Some(ack) = ack {
-                    socket.feed(Message::Text(ack.into())).await?;
-                }
-                socket.flush().await
-            }
-            Action::Unsubscribe { channel, mqtt, .. } => {
-                self.held.remove(&channel);
-                self.app.link.unsubscribe(self.conn.id, &mqtt);
-                match ack {
-                    Some(ack) => self.send(socket, ack).await,
-                    None => Ok(()),
-                }
-            }
-            Action::Publish {
-                id,
-                mqtt,
-                payload,
-                qos,
-                retain,
-                ..
-            } => {
-                if !self.limiter.try_take(Instant::now()) {
-                    let wait = self.limiter.retry_after();
-                    let e = FrameError::new(
-                        id,
-                        ErrorCode::RateLimited,
-                        format!(
-                            "over {} publishes per second; this publish was dropped (retry in {} ms)",
-                            self.app.publish_rate,
-                            wait.as_millis().max(1)
-                        ),
-                    );
-                    return self.refuse(socket, e).await;
-                }
-                let acked = match self.app.link.publish(&mqtt, payload, qos, retain) {
-                    Ok(acked) => acked,
-                    Err(e) => return self.refuse(socket, link_error(id, e)).await,
-                };
-                let app = self.app.clone();
-                pending.push(Box::pin(async move {
-                    match acked.await {
-                        Ok(()) => ack,
-                        Err(e) => {
-                            let e = link_error(id, e);
-                            app.metrics.error(e.code.as_str());
-                            Some(e.to_json())
-                        }
-                    }
-                }));
-                Ok(())
-            }
+    /// The token's time is up: say so, then close with 4001.
+    async fn token_expired(&self, socket: &mut Socket) -> Closing {
+        let e = FrameError::new(
+            None,
+            ErrorCode::TokenExpired,
+            "the connection's token expired; reconnect with a fresh token (or send `auth` before it expires)",
+        );
+        let _ = self.refuse(socket, e).await;
+        tracing::debug!(conn = self.conn.id, "token expired");
+        Closing::Close(TOKEN_EXPIRED_CLOSE, "token expired")
+    }
+}
+
+/// Debug builds with BRIDGE_FAULT_INJECTION set: a publish to
+/// `fault-injection/panic` panics (tests the `internal` error path).
+#[cfg(debug_assertions)]
+fn fault_injection(app: &App, action: &session::Action) {
+    if app.fault_injection {
+        if let session::Action::Publish { channel, .. } = action {
+            assert!(channel != "fault-injection/panic", "fault injection");
         }
     }
 }
 
-fn link_error(id: Option<Id>, e: LinkError) -> FrameError {
+/// This deployment's effects, for the duration of one request.
+struct Shell<'a> {
+    s: &'a mut Session,
+    socket: &'a mut Socket,
+    pending: &'a mut FuturesUnordered<Pending>,
+    /// The first failed write: the connection is over.
+    broken: Option<Broken>,
+}
+
+impl Shell<'_> {
+    async fn write(&mut self, result: Result<(), Broken>) {
+        if let Err(b) = result {
+            self.broken.get_or_insert(b);
+        }
+    }
+}
+
+fn refusal(e: LinkError) -> Refusal {
     match e {
-        LinkError::Unavailable(m) => FrameError::new(id, ErrorCode::Unavailable, m),
-        LinkError::Refused(m) => FrameError::new(id, ErrorCode::Forbidden, m),
+        LinkError::Unavailable(m) => Refusal::new(ErrorCode::Unavailable, m),
+        LinkError::Refused(m) => Refusal::new(ErrorCode::Forbidden, m),
+    }
+}
+
+impl Effects for Shell<'_> {
+    async fn hold(&mut self, channel: &str, mqtt: &str) -> Result<Hold, Refusal> {
+        if self.s.held.contains(channel) {
+            return Ok(Hold::AlreadyHeld);
+        }
+        self.s
+            .app
+            .link
+            .subscribe(&self.s.conn, mqtt)
+            .await
+            .map_err(refusal)?;
+        self.s.held.insert(channel.to_string());
+        Ok(Hold::Added)
+    }
+
+    async fn release(&mut self, channel: &str, mqtt: &str) -> Result<(), Refusal> {
+        if self.s.held.remove(channel) {
+            self.s.app.link.unsubscribe(self.s.conn.id, mqtt);
+        }
+        Ok(())
+    }
+
+    async fn replay_retained(&mut self, mqtt: &str) -> Result<(), Refusal> {
+        let app = self.s.app.clone();
+        let set = app.retained.fetch(mqtt).await.map_err(refusal)?;
+        // The same bound as the queue: what does not fit is lost for this
+        // connection and reported with `lagged`, as for live messages.
+        let policy = &app.policy;
+        let max = policy.limits.max_payload_bytes;
+        let (mut sent, mut bytes, mut lost) = (0u64, 0usize, set.overflow);
+        for (topic, payload) in &set.messages {
+            match session::deliverable(&policy.prefix, max, topic, payload.len()) {
+                Ok(name) => {
+                    let message = frame::message(name, payload, true);
+                    if bytes + message.len() > app.outbound_bytes {
+                        lost += 1;
+                        continue;
+                    }
+                    bytes += message.len();
+                    let written = self.socket.feed(message.into()).await;
+                    self.write(written).await;
+                    if self.broken.is_some() {
+                        return Ok(());
+                    }
+                    sent += 1;
+                }
+                Err(reason @ Undeliverable::TooLarge { .. }) => {
+                    app.metrics.dropped(DropReason::TooLarge, 1);
+                    tracing::warn!(topic, %reason, "retained message not delivered");
+                }
+                // The fetch asked for a filter inside the prefix.
+                Err(Undeliverable::OutsidePrefix) => {}
+            }
+        }
+        app.metrics.deliveries.inc_by(sent);
+        if lost > 0 {
+            app.metrics.dropped(DropReason::Lagged, lost);
+            let written = self.socket.feed(frame::lagged(lost).into()).await;
+            self.write(written).await;
+        }
+        let flushed = self.socket.flush().await;
+        self.write(flushed).await;
+        Ok(())
+    }
+
+    async fn publish(&mut self, publish: Publish, settle: Settle) {
+        let app = self.s.app.clone();
+        if !self.s.publishes.try_take(Instant::now()) {
+            let wait = self.s.publishes.retry_after();
+            let refusal = Refusal::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over {} publishes per second; this publish was dropped (retry in {} ms)",
+                    app.publish_rate,
+                    wait.as_millis().max(1)
+                ),
+            );
+            if let Err(e) = settle.answer(Err(refusal)) {
+                self.refuse(e).await;
+            }
+            return;
+        }
+        let Publish {
+            mqtt,
+            payload,
+            qos,
+            retain,
+        } = publish;
+        match app.link.publish(&mqtt, payload, qos, retain) {
+            Ok(acked) => self.pending.push(Box::pin(async move {
+                settle.answer(acked.await.map_err(refusal))
+            })),
+            Err(e) => {
+                if let Err(e) = settle.answer(Err(refusal(e))) {
+                    self.refuse(e).await;
+                }
+            }
+        }
+    }
+
+    async fn store_credentials(&mut self, credentials: Credentials) -> Result<(), Refusal> {
+        self.s.credentials = credentials;
+        Ok(())
+    }
+
+    async fn reply(&mut self, frame: String) {
+        let written = self.socket.send(frame.into()).await;
+        self.write(written).await;
+    }
+
+    async fn refuse(&mut self, error: FrameError) {
+        let written = self.s.refuse(self.socket, error).await;
+        self.write(written).await;
     }
 }
