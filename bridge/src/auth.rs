@@ -191,6 +191,23 @@ impl Verifier {
         Ok(Verifier { keys, settings })
     }
 
+    /// Whether this key set has the key `token` names (by `kid`; a token
+    /// without one needs a set of one key). Unreadable tokens: false.
+    pub fn has_key_for(&self, token: &str) -> bool {
+        match decode_header(token) {
+            Ok(header) => self.key_for(header.kid.as_deref()).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    fn key_for(&self, kid: Option<&str>) -> Option<&Key> {
+        match kid {
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            None if self.keys.len() == 1 => self.keys.first(),
+            None => None,
+        }
+    }
+
     /// Checks a token and returns what its claims grant, until when.
     pub fn verify(&self, token: &str) -> Result<Credentials, AuthError> {
         if token.is_empty() {
@@ -198,15 +215,9 @@ impl Verifier {
         }
         let header =
             decode_header(token).map_err(|_| AuthError::Invalid("malformed token header"))?;
-        let key = match &header.kid {
-            Some(kid) => self
-                .keys
-                .iter()
-                .find(|k| k.kid.as_deref() == Some(kid.as_str())),
-            None if self.keys.len() == 1 => self.keys.first(),
-            None => None,
-        }
-        .ok_or(AuthError::UnknownKey)?;
+        let key = self
+            .key_for(header.kid.as_deref())
+            .ok_or(AuthError::UnknownKey)?;
         if header.alg != key.alg {
             return Err(AuthError::Invalid("the token's algorithm is not accepted"));
         }
@@ -225,7 +236,9 @@ impl Verifier {
         let claims = data.claims;
         Ok(Credentials {
             perms: Permissions::from_claims(claims.sub.as_deref(), &claims.channels),
-            expires_at: Some((claims.exp.max(0.0) as u64).saturating_add(self.settings.leeway_secs)),
+            expires_at: Some(
+                (claims.exp.max(0.0) as u64).saturating_add(self.settings.leeway_secs),
+            ),
         })
     }
 }
@@ -319,7 +332,10 @@ mod tests {
         ] {
             let t = format!("{}.{}.sig", b64(header), b64(r#"{"exp":1}"#));
             let e = v.verify(&t).unwrap_err().to_string();
-            assert!(!e.contains('<') && !e.contains("script") && !e.contains("red"), "{e}");
+            assert!(
+                !e.contains('<') && !e.contains("script") && !e.contains("red"),
+                "{e}"
+            );
         }
         let claims = format!(
             "{}.{}.sig",

@@ -302,15 +302,24 @@ mod tests {
         assert_eq!(validate_topic("a/+"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a/#"), Err(ChannelError::WildcardInTopic));
         assert_eq!(validate_topic("a\0b"), Err(ChannelError::Nul));
-        for bad in ['\u{1}', '\u{7}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{fdd0}', '\u{fdef}']
-            .into_iter()
-            .chain(['\u{fffe}', '\u{ffff}', '\u{1fffe}', '\u{10ffff}'])
+        for bad in [
+            '\u{1}', '\u{7}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{fdd0}', '\u{fdef}',
+        ]
+        .into_iter()
+        .chain(['\u{fffe}', '\u{ffff}', '\u{1fffe}', '\u{10ffff}'])
         {
             let name = format!("fleet/dev{bad}/commands");
             assert_eq!(validate_topic(&name), Err(ChannelError::BadCharacter(bad)));
             assert_eq!(validate_filter(&name), Err(ChannelError::BadCharacter(bad)));
         }
-        for ok in ['\u{a0}', '\u{fdcf}', '\u{fdf0}', '\u{fffd}', '\u{1f600}', 'é'] {
+        for ok in [
+            '\u{a0}',
+            '\u{fdcf}',
+            '\u{fdf0}',
+            '\u{fffd}',
+            '\u{1f600}',
+            'é',
+        ] {
             assert!(validate_topic(&format!("a/{ok}")).is_ok(), "{ok:?}");
         }
         assert_eq!(

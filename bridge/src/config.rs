@@ -667,9 +667,13 @@ mod tests {
             }
         );
         assert!(parse_mqtt_url("http://x").is_err());
-        let e = parse_mqtt_url("mqtt://user:hunter2@x:1").unwrap_err().to_string();
+        let e = parse_mqtt_url("mqtt://user:hunter2@x:1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
-        let e = parse_mqtt_url("http://u:hunter2@x").unwrap_err().to_string();
+        let e = parse_mqtt_url("http://u:hunter2@x")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(parse_mqtt_url("mqtt://:1").is_err());
     }
@@ -677,10 +681,17 @@ mod tests {
     #[test]
     fn secrets_never_in_debug() {
         let args = ServeArgs::default();
-        let s = Settings::resolve(&args, Some("jwt-secret-value".into()), Some("hunter2".into()))
-            .unwrap();
+        let s = Settings::resolve(
+            &args,
+            Some("jwt-secret-value".into()),
+            Some("hunter2".into()),
+        )
+        .unwrap();
         let shown = format!("{s:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("jwt-secret-value"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("jwt-secret-value"),
+            "{shown}"
+        );
         assert_eq!(s.password.as_ref().map(Secret::expose), Some("hunter2"));
     }
 

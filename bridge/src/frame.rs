@@ -371,6 +371,20 @@ pub fn error(id: Option<&Id>, code: ErrorCode, message: &str) -> String {
     )
 }
 
+/// The WebSocket close code after `token_expired` (PROTOCOL.md, v1.1).
+pub const TOKEN_EXPIRED_CLOSE: u16 = 4001;
+
+/// The error sent once, just before a connection whose token expired is
+/// closed (both deployments).
+pub fn token_expired() -> FrameError {
+    FrameError::new(
+        None,
+        ErrorCode::TokenExpired,
+        "the connection's token expired; reconnect with a fresh token \
+         (send `auth` with a new one before it expires to stay connected)",
+    )
+}
+
 /// `{"type":"lagged","dropped":n}`
 pub fn lagged(dropped: u64) -> String {
     format!("{{\"type\":\"lagged\",\"dropped\":{dropped}}}")

@@ -109,7 +109,9 @@ fn substitute(pattern: &str, subject: Option<&str>) -> Option<String> {
     if sub.is_empty()
         || channel::is_reserved(sub)
         || sub.contains(['/', '+', '#'])
-        || sub.chars().any(|c| c == '\0' || channel::is_forbidden_char(c))
+        || sub
+            .chars()
+            .any(|c| c == '\0' || channel::is_forbidden_char(c))
     {
         return None;
     }

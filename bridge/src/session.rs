@@ -538,9 +538,7 @@ mod tests {
         let mut held = BTreeSet::new();
         held.insert("fleet/+/t".to_string());
         let policy = Policy::default();
-        let claims = |sub: &str, filters: &[&str], exp: u64| {
-            serde_json::json!({"sub": sub, "exp": exp, "channels": {"subscribe": filters}})
-        };
+        let claims = |sub: &str, filters: &[&str], exp: u64| serde_json::json!({"sub": sub, "exp": exp, "channels": {"subscribe": filters}});
         // Same subject, still allows what is held: the new credentials.
         let a = decide(
             &auth_frame(claims("u1", &["fleet/+/t", "x"], exp)),
@@ -558,7 +556,13 @@ mod tests {
         }
         assert_eq!(a.ack().as_deref(), Some(r#"{"type":"ack","id":"a"}"#));
         // No longer allows a held filter: forbidden, nothing changes.
-        let a = decide(&auth_frame(claims("u1", &["x"], exp)), &old, &held, &policy, Some(&v));
+        let a = decide(
+            &auth_frame(claims("u1", &["x"], exp)),
+            &old,
+            &held,
+            &policy,
+            Some(&v),
+        );
         assert_eq!(error_code(&a), "forbidden");
         // Another subject, an expired token, garbage, no token: unauthorized.
         for frame in [

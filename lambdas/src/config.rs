@@ -87,8 +87,9 @@ pub struct HandlerConfig {
     pub table: String,
     /// The stage's management API (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`).
     pub websocket_endpoint: String,
-    /// Whether `$connect` must carry the authorizer's permissions.
-    pub auth: bool,
+    /// With auth on (`$connect` must carry the authorizer's permissions), the
+    /// keys that check the tokens of `auth` requests: the authorizer's.
+    pub auth: Option<AuthorizerConfig>,
     pub policy: Policy,
     /// Seconds a connection's rows outlive its `$connect`.
     pub connection_ttl_secs: i64,
@@ -108,12 +109,19 @@ impl HandlerConfig {
         "BRIDGE_MAX_SUBSCRIPTIONS",
         "BRIDGE_CONNECTION_TTL_SECS",
         "BRIDGE_MAX_RETAINED",
+        "BRIDGE_JWT_SECRET",
+        "BRIDGE_JWKS_URL",
+        "BRIDGE_JWT_ISSUER",
+        "BRIDGE_JWT_AUDIENCE",
+        "BRIDGE_JWT_LEEWAY",
     ];
 
     pub fn from_env(env: Lookup) -> Result<Self, ConfigError> {
+        let table = required(env, "TABLE_NAME")?;
+        let websocket_endpoint = https_url(env, "WEBSOCKET_ENDPOINT")?;
         let auth = match get(env, "BRIDGE_AUTH").as_deref().map(str::trim) {
-            None | Some("token") => true,
-            Some("off") => false,
+            None | Some("token") => Some(AuthorizerConfig::from_env(env)?),
+            Some("off") => None,
             Some(other) => {
                 return Err(ConfigError::Invalid {
                     name: "BRIDGE_AUTH",
@@ -146,8 +154,8 @@ impl HandlerConfig {
             )?,
         };
         Ok(HandlerConfig {
-            table: required(env, "TABLE_NAME")?,
-            websocket_endpoint: https_url(env, "WEBSOCKET_ENDPOINT")?,
+            table,
+            websocket_endpoint,
             auth,
             policy: Policy {
                 prefix: prefix(env)?,
@@ -209,7 +217,7 @@ impl FanoutConfig {
 }
 
 /// Where the authorizer's keys come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum KeySource {
     /// HS256 with a shared secret.
     Secret(String),
@@ -218,7 +226,17 @@ pub enum KeySource {
     JwksUrl(String),
 }
 
-/// `ws-authorizer`.
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never the secret.
+            KeySource::Secret(_) => f.write_str("Secret(<redacted>)"),
+            KeySource::JwksUrl(url) => f.debug_tuple("JwksUrl").field(url).finish(),
+        }
+    }
+}
+
+/// `ws-authorizer` (and `ws-handler`, for `auth` requests).
 #[derive(Debug, Clone)]
 pub struct AuthorizerConfig {
     pub keys: KeySource,
@@ -279,28 +297,41 @@ mod tests {
                 "https://x.execute-api.eu-west-1.amazonaws.com/prod/",
             ),
             ("BRIDGE_TOPIC_PREFIX", ""),
+            ("BRIDGE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
         ]);
         let c = HandlerConfig::from_env(&e).unwrap();
-        assert!(c.auth);
+        assert!(c.auth.is_some());
+        assert!(!format!("{c:?}").contains("0123456789abcdef"), "{c:?}");
         assert_eq!(
             c.websocket_endpoint,
             "https://x.execute-api.eu-west-1.amazonaws.com/prod"
         );
         assert_eq!(c.policy.max_subscriptions, 100);
         assert_eq!(c.connection_ttl_secs, DEFAULT_CONNECTION_TTL_SECS);
-        let e = env(&[("WEBSOCKET_ENDPOINT", "https://x")]);
+        let e = env(&[("WEBSOCKET_ENDPOINT", "https://x"), ("BRIDGE_AUTH", "off")]);
         assert_eq!(
             HandlerConfig::from_env(&e).unwrap_err(),
             ConfigError::Missing("TABLE_NAME")
+        );
+        // Auth on needs the keys, for `auth` requests.
+        let e = env(&[("TABLE_NAME", "t"), ("WEBSOCKET_ENDPOINT", "https://x")]);
+        assert_eq!(
+            HandlerConfig::from_env(&e).unwrap_err(),
+            ConfigError::Missing("BRIDGE_JWT_SECRET")
         );
         let e = env(&[
             ("TABLE_NAME", "t"),
             ("WEBSOCKET_ENDPOINT", "https://x"),
             ("BRIDGE_MAX_SUBSCRIPTIONS", "many"),
+            ("BRIDGE_AUTH", "off"),
         ]);
         let err = HandlerConfig::from_env(&e).unwrap_err().to_string();
         assert!(err.contains("BRIDGE_MAX_SUBSCRIPTIONS"), "{err}");
-        let e = env(&[("TABLE_NAME", "t"), ("WEBSOCKET_ENDPOINT", "wss://x")]);
+        let e = env(&[
+            ("TABLE_NAME", "t"),
+            ("WEBSOCKET_ENDPOINT", "wss://x"),
+            ("BRIDGE_AUTH", "off"),
+        ]);
         assert!(HandlerConfig::from_env(&e).is_err());
         let e = env(&[
             ("TABLE_NAME", "t"),
@@ -312,6 +343,7 @@ mod tests {
             ("TABLE_NAME", "t"),
             ("WEBSOCKET_ENDPOINT", "https://x"),
             ("BRIDGE_RESERVED_CHANNELS", "$SYS/#, a/#/b"),
+            ("BRIDGE_AUTH", "off"),
         ]);
         assert!(HandlerConfig::from_env(&e).is_err());
     }

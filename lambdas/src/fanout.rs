@@ -19,12 +19,18 @@
 //! invocation ends with one EMF line: delivered, gone, failed, duration and
 //! the DynamoDB requests it made.
 //!
+//! Token lifetime: a connection whose token has ended gets no message. Its
+//! filter row says when the token ends; when that has passed, the connection
+//! row decides (an `auth` may have moved the end, see [`crate::store`]), and a
+//! connection whose token really ended is told `token_expired`, closed and
+//! its rows deleted, instead of being posted the message.
+//!
 //! A failed post does not fail the invocation (the rule invokes
 //! asynchronously and a retry would repeat every successful post); a failed
 //! lookup does, so Lambda retries it and, after that, it lands in the
 //! function's dead-letter queue.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,6 +87,8 @@ pub struct Report {
     pub delivered: usize,
     pub gone: usize,
     pub failed: usize,
+    /// Connections whose token had ended: closed, not posted to.
+    pub expired: usize,
     /// Why the message was not delivered at all, if it was not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
@@ -143,6 +151,7 @@ impl Fanout {
                 ("Delivered", report.delivered as f64, "Count"),
                 ("Gone", report.gone as f64, "Count"),
                 ("Failed", report.failed as f64, "Count"),
+                ("Expired", report.expired as f64, "Count"),
                 (
                     "Refused",
                     f64::from(u8::from(report.refused.is_some())),
@@ -197,8 +206,29 @@ impl Fanout {
             filters.iter().map(|f| self.store.subscribers(f, now)),
         )
         .await?;
-        let recipients: BTreeSet<String> = lookups.into_iter().flatten().collect();
-        report.recipients = recipients.len();
+        // One entry per connection; rows that disagree on the token's end
+        // (an `auth` under way) count with the latest.
+        let mut found: BTreeMap<String, Option<i64>> = BTreeMap::new();
+        for sub in lookups.into_iter().flatten() {
+            let end = found.entry(sub.id).or_insert(sub.token_expires);
+            *end = match (*end, sub.token_expires) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+        report.recipients = found.len();
+        let (mut recipients, ended): (Vec<String>, Vec<String>) = {
+            let (live, ended): (Vec<_>, Vec<_>) = found
+                .into_iter()
+                .partition(|(_, end)| end.is_none_or(|at| now < at));
+            (
+                live.into_iter().map(|(id, _)| id).collect(),
+                ended.into_iter().map(|(id, _)| id).collect(),
+            )
+        };
+        let expired = self.expired(ended, now, &mut recipients).await?;
+        report.expired = expired.len();
+        self.close_expired(expired, now).await;
         if recipients.is_empty() {
             return Ok(());
         }
@@ -213,11 +243,7 @@ impl Fanout {
 
         let outcomes = self
             .sender
-            .post_all(
-                recipients.into_iter().collect(),
-                message,
-                self.config.concurrency,
-            )
+            .post_all(recipients, message, self.config.concurrency)
             .await;
         let mut gone = Vec::new();
         for (conn, outcome) in outcomes {
@@ -237,5 +263,45 @@ impl Fanout {
             .await;
         tracing::debug!(id, topic = %event.topic, ?report, "fan-out done");
         Ok(())
+    }
+
+    /// Of the connections whose rows say their token ended, those whose
+    /// connection row agrees; the others (refreshed by `auth`) go back into
+    /// `recipients`.
+    async fn expired(
+        &self,
+        ended: Vec<String>,
+        now: i64,
+        recipients: &mut Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut expired = Vec::new();
+        for id in ended {
+            match self.store.token_expiry(&id, now).await? {
+                Some(Some(at)) if now >= at => expired.push(id),
+                Some(_) => recipients.push(id),
+                None => {} // gone already
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Tells each connection `token_expired`, closes it, deletes its rows.
+    async fn close_expired(&self, expired: Vec<String>, now: i64) {
+        if expired.is_empty() {
+            return;
+        }
+        let said = Bytes::from(frame::token_expired().to_json());
+        stream::iter(expired)
+            .for_each_concurrent(CLEANUP_CONCURRENCY, |conn| {
+                let said = said.clone();
+                async move {
+                    let outcome = self.sender.say_and_close(&conn, said).await;
+                    tracing::debug!(connection = %conn, ?outcome, "token expired: closed");
+                    if let Err(e) = self.store.remove_connection(&conn, now).await {
+                        tracing::warn!(connection = %conn, error = %e, "cannot remove an expired connection");
+                    }
+                }
+            })
+            .await;
     }
 }

@@ -1,24 +1,31 @@
 //! `ws-handler`: the WebSocket API's routes.
 //!
-//! * `$connect`: the connection's permissions come from the authorizer
-//!   context (a JSON string, see [`crate::authorizer`]); the connection is
-//!   stored with a TTL; an offered `Sec-WebSocket-Protocol` is echoed.
+//! * `$connect`: the connection's credentials (permissions and the token's
+//!   end) come from the authorizer context (see [`crate::authorizer`]); the
+//!   connection is stored with a TTL; an offered `Sec-WebSocket-Protocol` is
+//!   echoed.
 //! * `$disconnect`: every row of the connection is deleted.
-//! * `$default` (every client frame): the core parses the frame and decides
-//!   ([`bridge::session::decide_request`]); this module carries the decision
-//!   out against DynamoDB and IoT Core. Acks, pongs and errors go back as the
-//!   route response body, with no extra API call. Retained messages for a
-//!   `subscribe` with `retained: true` are posted through `@connections`
+//! * `$default` (every client frame): the core parses the frame, decides
+//!   ([`bridge::session::decide_request`]) and carries the decision out
+//!   ([`bridge::request::carry_out`]) through this module's [`Effects`]:
+//!   DynamoDB, IoT Core and `@connections`. Acks, pongs and errors go back as
+//!   the route response body, with no extra API call. Retained messages for
+//!   a `subscribe` with `retained: true` are posted through `@connections`
 //!   while the request runs, so they reach the client before its ack.
 //!
-//! A ping needs no state and is answered without touching DynamoDB.
-
-use std::collections::BTreeSet;
+//! Token lifetime: a frame from a connection whose token has ended is not
+//! served: the connection is told `token_expired` and closed (API Gateway
+//! closes with its own code; 4001 cannot be chosen there). A ping needs no
+//! state and is answered without touching DynamoDB while the token the
+//! authorizer saw is still valid; after that, the stored end decides (an
+//! `auth` may have moved it).
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
-use bridge::frame::{self, ErrorCode, Id, Request};
+use bridge::auth::Credentials;
+use bridge::frame::{self, ErrorCode, FrameError, Request};
 use bridge::permissions::Permissions;
+use bridge::request::{self, Effects, Hold, Publish, Refusal, Settle};
 use bridge::session::{self, Action};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -26,14 +33,18 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::config::HandlerConfig;
 use crate::iot::{Iot, IotError};
+use crate::keys::{InitError, Keys};
 use crate::sender::{self, Outcome, Sender};
-use crate::store::{Store, StoreError, Subscribed};
+use crate::store::{Connection, Store, StoreError, Subscribed};
 
 /// Retained messages posted at once for one subscribe.
 const RETAINED_POSTS: usize = 16;
 
 /// The authorizer context key that carries the permissions (a JSON string).
 pub const PERMISSIONS_KEY: &str = "permissions";
+/// The authorizer context key that carries the token's end (seconds since
+/// the epoch, as a string).
+pub const EXPIRES_KEY: &str = "expires";
 
 /// Why an invocation failed (the Lambda invocation then errors; for
 /// `$connect` that refuses the connection).
@@ -46,12 +57,14 @@ pub enum HandlerError {
 }
 
 /// Everything `ws-handler` keeps between invocations.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Handler {
     config: HandlerConfig,
     store: Store,
     iot: Iot,
     sender: Sender,
+    /// With auth on: the keys that check `auth` requests.
+    keys: Option<Keys>,
 }
 
 fn response(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
@@ -70,24 +83,37 @@ pub fn offered_protocol(headers: &HeaderMap, multi: &HeaderMap) -> Option<String
     (!first.is_empty()).then(|| first.to_string())
 }
 
-/// The permissions the authorizer put in the request context, if readable.
-pub fn context_permissions(event: &ApiGatewayWebsocketProxyRequest) -> Option<Permissions> {
-    let raw = event
-        .request_context
-        .authorizer
-        .fields
-        .get(PERMISSIONS_KEY)?;
-    serde_json::from_str(raw.as_str()?).ok()
+/// The credentials the authorizer put in the request context, if readable.
+pub fn context_credentials(event: &ApiGatewayWebsocketProxyRequest) -> Option<Credentials> {
+    let fields = &event.request_context.authorizer.fields;
+    let perms: Permissions = serde_json::from_str(fields.get(PERMISSIONS_KEY)?.as_str()?).ok()?;
+    let expires_at = context_expiry(event);
+    Some(Credentials { perms, expires_at })
+}
+
+/// The token's end the authorizer saw (it arrives as a string, or a number).
+fn context_expiry(event: &ApiGatewayWebsocketProxyRequest) -> Option<u64> {
+    let value = event.request_context.authorizer.fields.get(EXPIRES_KEY)?;
+    value
+        .as_u64()
+        .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
 impl Handler {
-    pub fn new(config: HandlerConfig, store: Store, iot: Iot, sender: Sender) -> Self {
-        Handler {
+    pub fn new(
+        config: HandlerConfig,
+        store: Store,
+        iot: Iot,
+        sender: Sender,
+    ) -> Result<Self, InitError> {
+        let keys = config.auth.as_ref().map(Keys::new).transpose()?;
+        Ok(Handler {
             config,
             store,
             iot,
             sender,
-        }
+            keys,
+        })
     }
 
     /// One WebSocket route event.
@@ -116,9 +142,10 @@ impl Handler {
             }
             _ => {
                 let reply = if event.is_base64_encoded {
-                    Some(self.refuse(&id, session::decide_binary()))
+                    Some(refused(&id, session::decide_binary()))
                 } else {
-                    self.message(&id, event.body.as_deref().unwrap_or("")).await
+                    let text = event.body.as_deref().unwrap_or("");
+                    self.message(&id, text, context_expiry(&event)).await
                 };
                 Ok(response(200, reply))
             }
@@ -130,9 +157,9 @@ impl Handler {
         id: &str,
         event: &ApiGatewayWebsocketProxyRequest,
     ) -> Result<ApiGatewayProxyResponse, HandlerError> {
-        let perms = if self.config.auth {
-            match context_permissions(event) {
-                Some(p) => p,
+        let credentials = if self.config.auth.is_some() {
+            match context_credentials(event) {
+                Some(c) => c,
                 None => {
                     tracing::warn!(
                         connection = id,
@@ -142,7 +169,7 @@ impl Handler {
                 }
             }
         } else {
-            Permissions::allow_all()
+            Credentials::anonymous()
         };
         let now = crate::now_millis();
         let connected_at = match event.request_context.connected_at {
@@ -151,11 +178,11 @@ impl Handler {
         };
         let expires = connected_at / 1000 + self.config.connection_ttl_secs;
         self.store
-            .put_connection(id, &perms, connected_at, expires)
+            .put_connection(id, &credentials, connected_at, expires)
             .await?;
         tracing::debug!(
             connection = id,
-            subject = perms.subject.as_deref().unwrap_or("-"),
+            subject = credentials.perms.subject.as_deref().unwrap_or("-"),
             "connected"
         );
         let mut r = response(200, None);
@@ -167,115 +194,84 @@ impl Handler {
         Ok(r)
     }
 
-    fn refuse(&self, id: &str, action: Action) -> String {
-        match action {
-            Action::Refuse(e) => {
-                tracing::debug!(connection = id, code = %e.code, "refused");
-                e.to_json()
-            }
-            other => {
-                // decide_binary only ever refuses.
-                tracing::error!(connection = id, ?other, "unexpected decision");
-                frame::error(other.id(), ErrorCode::Internal, "internal error")
-            }
-        }
-    }
-
-    /// One client text frame; the reply to send, if any.
-    pub async fn message(&self, id: &str, text: &str) -> Option<String> {
+    /// One client text frame; the reply to send, if any. `context_expires`
+    /// is the token's end the authorizer saw.
+    pub async fn message(
+        &self,
+        id: &str,
+        text: &str,
+        context_expires: Option<u64>,
+    ) -> Option<String> {
         let policy = &self.config.policy;
         let (req_id, request) = match frame::parse(text, &policy.limits) {
             Ok(parsed) => parsed,
-            Err(e) => return Some(self.refuse(id, Action::Refuse(e))),
+            Err(e) => return Some(refused(id, Action::Refuse(e))),
         };
-        if request == Request::Ping {
-            // Stateless: no need to read the connection.
-            return match session::decide_request(
-                req_id,
-                request,
-                &Permissions::allow_all(),
-                &BTreeSet::new(),
-                policy,
-                None,
-            ) {
-                Action::Reply(reply) => reply,
-                other => Some(self.refuse(id, other)),
-            };
-        }
         let now = crate::now_secs();
+        // With auth on, only a context that says so vouches for the token.
+        let still_valid = match (&self.keys, context_expires) {
+            (None, _) => true,
+            (Some(_), Some(at)) => (now as u64) < at,
+            (Some(_), None) => false,
+        };
+        if request == Request::Ping && still_valid {
+            // Stateless: no need to read the connection.
+            return Some(frame::pong(req_id.as_ref()));
+        }
         let conn = match self.store.load_connection(id, now).await {
             Ok(Some(conn)) => conn,
-            Ok(None) => return Some(not_registered(req_id.as_ref())),
-            Err(e) => return Some(store_failed(req_id.as_ref(), id, &e)),
+            Ok(None) => return Some(not_registered().with_id(req_id).to_json()),
+            Err(e) => return Some(store_failed(id, &e).with_id(req_id).to_json()),
         };
-        let held = &conn.held;
-        let action = session::decide_request(req_id, request, &conn.perms, held, policy, None);
-        let ack = action.ack();
-        match action {
-            Action::Reply(reply) => reply,
-            Action::Auth { .. } => ack,
-            Action::Refuse(e) => Some(self.refuse(id, Action::Refuse(e))),
-            Action::Subscribe {
-                id: req_id,
-                channel,
-                mqtt,
-                retained,
-            } => {
-                // Whether this frame added the subscription (and so takes it
-                // back if the retained replay fails).
-                let mut added = false;
-                if !held.contains(&channel) {
-                    let outcome = self
-                        .store
-                        .subscribe(
-                            id,
-                            &channel,
-                            &mqtt,
-                            conn.expires,
-                            policy.max_subscriptions,
-                            now,
-                            self.config.connection_ttl_secs,
-                        )
-                        .await;
-                    match outcome {
-                        Ok(Subscribed::Added) => added = true,
-                        Ok(Subscribed::AlreadyHeld) => {}
-                        Ok(Subscribed::TooMany) => {
-                            return Some(session::too_many_subscriptions(req_id, policy).to_json())
-                        }
-                        Ok(Subscribed::Gone) => return Some(not_registered(req_id.as_ref())),
-                        Err(e) => return Some(store_failed(req_id.as_ref(), id, &e)),
-                    }
-                }
-                if retained {
-                    if let Err(e) = self.replay_retained(id, &mqtt).await {
-                        if added {
-                            let _ = self.store.unsubscribe(id, &channel, &mqtt, now).await;
-                        }
-                        return Some(frame::error(req_id.as_ref(), e.code, &e.message));
-                    }
-                }
-                ack
+        if conn.token_expired(now) {
+            self.close_expired(id, now).await;
+            return None;
+        }
+        let verifier = match (&request, &self.keys) {
+            (_, None) => None,
+            (Request::Auth { token }, Some(keys)) => {
+                Some(keys.verifier_for(token.as_deref().unwrap_or("")).await)
             }
-            Action::Unsubscribe {
-                id: req_id,
-                channel,
-                mqtt,
-            } => match self.store.unsubscribe(id, &channel, &mqtt, now).await {
-                Ok(()) => ack,
-                Err(e) => Some(store_failed(req_id.as_ref(), id, &e)),
-            },
-            Action::Publish {
-                id: req_id,
-                mqtt,
-                payload,
-                qos,
-                retain,
-                ..
-            } => match self.iot.publish(&mqtt, payload, qos, retain).await {
-                Ok(()) => ack,
-                Err(e) => Some(frame::error(req_id.as_ref(), e.code, &e.message)),
-            },
+            (_, Some(keys)) => Some(keys.verifier().await),
+        };
+        let verifier = match (verifier, &self.keys) {
+            (Some(Ok(v)), _) => Some(v),
+            (Some(Err(e)), _) => {
+                tracing::error!(connection = id, error = %e, "no keys to check tokens with");
+                let refusal = Refusal::new(
+                    ErrorCode::Unavailable,
+                    "tokens cannot be checked right now; retry later",
+                );
+                return Some(refusal.with_id(req_id).to_json());
+            }
+            (None, _) => None,
+        };
+        let action = session::decide_request(
+            req_id,
+            request,
+            &conn.perms,
+            &conn.held,
+            policy,
+            verifier.as_deref(),
+        );
+        let mut shell = Shell {
+            h: self,
+            id,
+            now,
+            conn: &conn,
+            reply: None,
+        };
+        request::carry_out(&mut shell, action).await;
+        shell.reply
+    }
+
+    /// A connection whose token ended: told once, closed, its rows gone.
+    async fn close_expired(&self, id: &str, now: i64) {
+        let said = Bytes::from(frame::token_expired().to_json());
+        let outcome = self.sender.say_and_close(id, said).await;
+        tracing::debug!(connection = id, ?outcome, "token expired: closed");
+        if let Err(e) = self.store.remove_connection(id, now).await {
+            tracing::warn!(connection = id, error = %e, "cannot remove an expired connection");
         }
     }
 
@@ -322,22 +318,135 @@ impl Handler {
     }
 }
 
-/// The reply to a frame from a connection the store no longer knows.
-fn not_registered(req_id: Option<&Id>) -> String {
-    frame::error(
-        req_id,
+/// A refusal's reply, logged.
+fn refused(connection: &str, action: Action) -> String {
+    match action {
+        Action::Refuse(e) => {
+            tracing::debug!(connection, code = %e.code, "refused");
+            e.to_json()
+        }
+        other => {
+            // decide_binary and parse failures only ever refuse.
+            tracing::error!(connection, ?other, "unexpected decision");
+            frame::error(other.id(), ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+/// The refusal of a frame from a connection the store no longer knows.
+fn not_registered() -> Refusal {
+    Refusal::new(
         ErrorCode::Unavailable,
         "this connection is no longer registered; reconnect",
     )
 }
 
-fn store_failed(req_id: Option<&Id>, connection: &str, e: &StoreError) -> String {
+fn store_failed(connection: &str, e: &StoreError) -> Refusal {
     tracing::error!(connection, error = %e, "subscription store failed");
-    frame::error(
-        req_id,
+    Refusal::new(
         ErrorCode::Unavailable,
         "the subscription store is unavailable; retry later",
     )
+}
+
+fn iot_failed(e: IotError) -> Refusal {
+    Refusal::new(e.code, e.message)
+}
+
+/// This deployment's effects, for one frame.
+struct Shell<'a> {
+    h: &'a Handler,
+    id: &'a str,
+    now: i64,
+    conn: &'a Connection,
+    /// The route response body.
+    reply: Option<String>,
+}
+
+impl Effects for Shell<'_> {
+    async fn hold(&mut self, channel: &str, mqtt: &str) -> Result<Hold, Refusal> {
+        if self.conn.held.contains(channel) {
+            return Ok(Hold::AlreadyHeld);
+        }
+        let h = self.h;
+        let policy = &h.config.policy;
+        let outcome = h
+            .store
+            .subscribe(
+                self.id,
+                channel,
+                mqtt,
+                self.conn.expires,
+                self.conn.token_expires,
+                policy.max_subscriptions,
+                self.now,
+                h.config.connection_ttl_secs,
+            )
+            .await;
+        match outcome {
+            Ok(Subscribed::Added) => Ok(Hold::Added),
+            Ok(Subscribed::AlreadyHeld) => Ok(Hold::AlreadyHeld),
+            Ok(Subscribed::TooMany) => {
+                let e = session::too_many_subscriptions(None, policy);
+                Err(Refusal::new(e.code, e.message))
+            }
+            Ok(Subscribed::Gone) => Err(not_registered()),
+            Err(e) => Err(store_failed(self.id, &e)),
+        }
+    }
+
+    async fn release(&mut self, channel: &str, mqtt: &str) -> Result<(), Refusal> {
+        self.h
+            .store
+            .unsubscribe(self.id, channel, mqtt, self.now)
+            .await
+            .map_err(|e| store_failed(self.id, &e))
+    }
+
+    async fn replay_retained(&mut self, mqtt: &str) -> Result<(), Refusal> {
+        self.h
+            .replay_retained(self.id, mqtt)
+            .await
+            .map_err(iot_failed)
+    }
+
+    async fn publish(&mut self, publish: Publish, settle: Settle) {
+        let Publish {
+            mqtt,
+            payload,
+            qos,
+            retain,
+        } = publish;
+        let outcome = self.h.iot.publish(&mqtt, payload, qos, retain).await;
+        match settle.answer(outcome.map_err(iot_failed)) {
+            Ok(ack) => self.reply = ack,
+            Err(e) => self.refuse(e).await,
+        }
+    }
+
+    async fn store_credentials(&mut self, credentials: Credentials) -> Result<(), Refusal> {
+        let prefix = &self.h.config.policy.prefix;
+        let mqtt: Vec<String> = self.conn.held.iter().map(|c| prefix.to_mqtt(c)).collect();
+        match self
+            .h
+            .store
+            .update_credentials(self.id, &credentials, &mqtt)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_registered()),
+            Err(e) => Err(store_failed(self.id, &e)),
+        }
+    }
+
+    async fn reply(&mut self, frame: String) {
+        self.reply = Some(frame);
+    }
+
+    async fn refuse(&mut self, error: FrameError) {
+        tracing::debug!(connection = self.id, code = %error.code, "refused");
+        self.reply = Some(error.to_json());
+    }
 }
 
 #[cfg(test)]

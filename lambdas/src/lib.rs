@@ -10,7 +10,8 @@
 //! What a frame means is decided by the core ([`bridge::session`],
 //! [`bridge::frame`], [`bridge::channel`]); these modules only move bytes and
 //! store state: [`store`] (DynamoDB), [`iot`] (IoT Data Plane), [`sender`]
-//! (`@connections`). [`config`] reads the environment once, [`aws`] builds the
+//! (`@connections`), [`keys`] (the token keys the authorizer and the handler
+//! share). [`config`] reads the environment once, [`aws`] builds the
 //! SDK clients once per process, [`calls`] counts the requests they make and
 //! [`emf`] reports counts as CloudWatch Embedded Metric Format lines.
 
@@ -22,6 +23,7 @@ pub mod emf;
 pub mod fanout;
 pub mod handler;
 pub mod iot;
+pub mod keys;
 pub mod sender;
 pub mod store;
 

@@ -1,4 +1,5 @@
-//! Delivery to browsers: API Gateway's `@connections` `PostToConnection`.
+//! Delivery to browsers: API Gateway's `@connections` `PostToConnection`,
+//! and `DeleteConnection` to close one (a token that expired).
 //!
 //! A frame is built once and shared by every post (reference-counted bytes,
 //! handed to the SDK without a copy). Posts run concurrently, at most a given
@@ -81,6 +82,42 @@ impl Sender {
             let reason = DisplayErrorContext(&err).to_string();
             tracing::warn!(connection = id, attempt, error = %reason, "post failed");
             return Outcome::Failed(reason);
+        }
+    }
+
+    /// Closes a connection (API Gateway then sends `$disconnect`). A
+    /// connection already gone counts as closed.
+    pub async fn close(&self, id: &str) -> Outcome {
+        match self
+            .client
+            .delete_connection()
+            .connection_id(id)
+            .send()
+            .await
+        {
+            Ok(_) => Outcome::Delivered,
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_gone_exception())
+                    || status == Some(410)
+                {
+                    return Outcome::Gone;
+                }
+                let reason = DisplayErrorContext(&err).to_string();
+                tracing::warn!(connection = id, error = %reason, "close failed");
+                Outcome::Failed(reason)
+            }
+        }
+    }
+
+    /// Says `frame` (an error such as `token_expired`) and closes the
+    /// connection.
+    pub async fn say_and_close(&self, id: &str, frame: Bytes) -> Outcome {
+        match self.post(id, frame).await {
+            Outcome::Gone => Outcome::Gone,
+            _ => self.close(id).await,
         }
     }
 

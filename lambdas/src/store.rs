@@ -3,9 +3,9 @@
 //!
 //! | row | `pk` | `sk` | other attributes |
 //! |---|---|---|---|
-//! | a connection | `conn#{id}` | `meta` | `perms` (JSON), `sub`, `n` (filters held), `connected_at` |
+//! | a connection | `conn#{id}` | `meta` | `perms` (JSON), `exp` (the token's end), `sub`, `n` (filters held), `connected_at` |
 //! | a filter it holds | `conn#{id}` | `sub#{channel}` | `mqtt` (the broker filter) |
-//! | a filter's connection | `filter#{mqtt}` | `{id}` | |
+//! | a filter's connection | `filter#{mqtt}` | `{id}` | `exp` (the token's end, a copy) |
 //! | a wildcard filter in use | `wildcards` | `f#{mqtt}` | `stamp` |
 //! | the registry's version | `wildcards` | `version` | `v` |
 //!
@@ -25,6 +25,14 @@
 //! and deleted only if no filter row exists and nobody re-registered it
 //! meanwhile (`stamp`).
 //!
+//! Token lifetime: the connection row holds the token's end (`exp`, seconds
+//! since the epoch; absent with auth off), and each of its filter rows a copy,
+//! so the fan-out sees it without reading connection rows. An `auth` request
+//! writes the connection row first, then the copies; a subscribe racing it
+//! may write a copy with the old end. So a copy is only ever trusted to say
+//! "still valid": when it says expired, the fan-out reads the connection row
+//! (one consistent read, once per connection that ends) before closing it.
+//!
 //! Every row carries a TTL (API Gateway closes a connection after 2 hours);
 //! TTL deletion is lazy, so reads ignore rows past their TTL.
 
@@ -34,12 +42,15 @@ use std::time::Duration;
 use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, TransactWriteItem, WriteRequest};
 use aws_sdk_dynamodb::Client;
+use bridge::auth::Credentials;
 use bridge::channel::has_wildcards;
 use bridge::permissions::Permissions;
 
 const PK: &str = "pk";
 const SK: &str = "sk";
 const TTL: &str = "ttl";
+/// The token's end, on connection and filter rows.
+const EXP: &str = "exp";
 const META: &str = "meta";
 const REGISTRY_PK: &str = "wildcards";
 const VERSION_SK: &str = "version";
@@ -81,6 +92,23 @@ pub struct Connection {
     pub held: BTreeSet<String>,
     /// When its rows expire (seconds since the epoch).
     pub expires: i64,
+    /// When its token ends (seconds since the epoch); `None` with auth off.
+    pub token_expires: Option<i64>,
+}
+
+impl Connection {
+    /// Whether its token has ended at `now`.
+    pub fn token_expired(&self, now: i64) -> bool {
+        self.token_expires.is_some_and(|at| now >= at)
+    }
+}
+
+/// A connection holding a filter, as the filter's row names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    pub id: String,
+    /// The token's end as the row last heard it (see the module doc).
+    pub token_expires: Option<i64>,
 }
 
 /// How a subscribe ended.
@@ -171,10 +199,11 @@ impl Store {
     pub async fn put_connection(
         &self,
         id: &str,
-        perms: &Permissions,
+        credentials: &Credentials,
         connected_at_ms: i64,
         expires: i64,
     ) -> Result<()> {
+        let perms = &credentials.perms;
         let perms_json = serde_json::to_string(perms)
             .map_err(|e| StoreError::msg("PutItem", format!("permissions: {e}")))?;
         let mut put = self
@@ -187,6 +216,9 @@ impl Store {
             .item("n", n(0))
             .item("connected_at", n(connected_at_ms))
             .item(TTL, n(expires));
+        if let Some(at) = credentials.expires_at {
+            put = put.item(EXP, n(secs(at)));
+        }
         if let Some(sub) = &perms.subject {
             put = put.item("sub", s(sub.clone()));
         }
@@ -215,6 +247,7 @@ impl Store {
                 )
             })?;
         let expires = get_n(meta, TTL).unwrap_or(i64::MAX);
+        let token_expires = get_n(meta, EXP);
         let held = items
             .iter()
             .filter(|i| live(i, now))
@@ -224,7 +257,80 @@ impl Store {
             perms,
             held,
             expires,
+            token_expires,
         }))
+    }
+
+    /// A connection's token end, read consistently: `None` when the
+    /// connection is gone, `Some(None)` when its token has no end (auth off).
+    pub async fn token_expiry(&self, id: &str, now: i64) -> Result<Option<Option<i64>>> {
+        let meta = self.get(conn_pk(id), META.to_string()).await?;
+        Ok(meta.filter(|m| live(m, now)).map(|m| get_n(&m, EXP)))
+    }
+
+    /// Replaces a connection's credentials (`auth`): the connection row,
+    /// then the copy of the token's end on the row of each filter it holds
+    /// (`mqtt`: their broker filters). Returns false when the connection is
+    /// gone.
+    pub async fn update_credentials(
+        &self,
+        id: &str,
+        credentials: &Credentials,
+        mqtt: &[String],
+    ) -> Result<bool> {
+        let perms_json = serde_json::to_string(&credentials.perms)
+            .map_err(|e| StoreError::msg("UpdateItem", format!("permissions: {e}")))?;
+        let exp = credentials.expires_at.map(|at| n(secs(at)));
+        let conn = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(conn_pk(id), META.to_string())))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":perms", s(perms_json));
+        let conn = match exp.clone() {
+            Some(exp) => conn
+                .update_expression("SET perms = :perms, #exp = :exp")
+                .expression_attribute_names("#exp", EXP)
+                .expression_attribute_values(":exp", exp),
+            None => conn
+                .update_expression("SET perms = :perms REMOVE #exp")
+                .expression_attribute_names("#exp", EXP),
+        };
+        match conn.send().await {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(StoreError::new("UpdateItem", e)),
+        }
+        for filter in mqtt {
+            let row = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(self.key(filter_pk(filter), id.to_string())))
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#exp", EXP);
+            let row = match exp.clone() {
+                Some(exp) => row
+                    .update_expression("SET #exp = :exp")
+                    .expression_attribute_values(":exp", exp),
+                None => row.update_expression("REMOVE #exp"),
+            };
+            match row.send().await {
+                Ok(_) => {}
+                // Unsubscribed meanwhile: nothing to update.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
+                Err(e) => return Err(StoreError::new("UpdateItem", e)),
+            }
+        }
+        Ok(true)
     }
 
     /// Every row in a partition, with consistent reads.
@@ -245,9 +351,13 @@ impl Store {
                 .consistent_read(true)
                 .set_exclusive_start_key(start.take());
             if let Some(p) = projection {
-                q = q
-                    .projection_expression(p)
-                    .expression_attribute_names("#ttl", TTL);
+                q = q.projection_expression(p);
+                if p.contains("#ttl") {
+                    q = q.expression_attribute_names("#ttl", TTL);
+                }
+                if p.contains("#exp") {
+                    q = q.expression_attribute_names("#exp", EXP);
+                }
             }
             let page = q.send().await.map_err(|e| StoreError::new("Query", e))?;
             out.extend(page.items.unwrap_or_default());
@@ -344,6 +454,7 @@ impl Store {
         channel: &str,
         mqtt: &str,
         expires: i64,
+        token_expires: Option<i64>,
         max: usize,
         now: i64,
         registry_ttl_secs: i64,
@@ -371,13 +482,15 @@ impl Store {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(build)?;
-        let index = aws_sdk_dynamodb::types::Put::builder()
+        let mut index = aws_sdk_dynamodb::types::Put::builder()
             .table_name(&self.table)
             .item(PK, s(filter_pk(mqtt)))
             .item(SK, s(id))
-            .item(TTL, n(expires))
-            .build()
-            .map_err(build)?;
+            .item(TTL, n(expires));
+        if let Some(at) = token_expires {
+            index = index.item(EXP, n(at));
+        }
+        let index = index.build().map_err(build)?;
         let items = vec![
             TransactWriteItem::builder().update(count).build(),
             TransactWriteItem::builder().put(own).build(),
@@ -617,14 +730,26 @@ impl Store {
     }
 
     /// The live connections holding broker filter `mqtt`.
-    pub async fn subscribers(&self, mqtt: &str, now: i64) -> Result<Vec<String>> {
-        let items = self.query_all(filter_pk(mqtt), Some("sk, #ttl")).await?;
+    pub async fn subscribers(&self, mqtt: &str, now: i64) -> Result<Vec<Subscriber>> {
+        let items = self
+            .query_all(filter_pk(mqtt), Some("sk, #ttl, #exp"))
+            .await?;
         Ok(items
             .iter()
             .filter(|i| live(i, now))
-            .filter_map(|i| get_s(i, SK).map(str::to_string))
+            .filter_map(|i| {
+                Some(Subscriber {
+                    id: get_s(i, SK)?.to_string(),
+                    token_expires: get_n(i, EXP),
+                })
+            })
             .collect())
     }
+}
+
+/// Seconds since the epoch as DynamoDB numbers hold them here.
+fn secs(at: u64) -> i64 {
+    i64::try_from(at).unwrap_or(i64::MAX)
 }
 
 /// Full-jitter exponential backoff: up to 50 ms × 2^attempt, at most 1 s.

@@ -70,6 +70,13 @@ async fn a_good_token_is_allowed_with_its_permissions_in_the_context() {
         for (_, v) in r["context"].as_object().unwrap() {
             assert!(v.is_string() || v.is_number() || v.is_boolean(), "{v}");
         }
+        // The token's end goes with the connection (as a string).
+        assert_eq!(
+            r["context"]["expires"]
+                .as_str()
+                .and_then(|e| e.parse::<i64>().ok()),
+            Some(token_exp(&token))
+        );
         let p = context_perms(&r);
         assert!(p.can_subscribe("users/user-42/inbox"));
         assert!(p.can_subscribe("fleet/d1/telemetry"));
@@ -151,6 +158,54 @@ async fn permissions_over_the_context_limit_are_denied() {
         .await
         .unwrap();
     assert_eq!(effect(&r), "Deny");
+}
+
+/// The `exp` claim of a token (read without checking it).
+fn token_exp(token: &str) -> i64 {
+    let claims = token.split('.').nth(1).unwrap();
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .unwrap();
+    serde_json::from_slice::<Value>(&claims).unwrap()["exp"]
+        .as_i64()
+        .unwrap()
+}
+
+#[test]
+fn the_whole_response_must_fit_in_8_kb_not_only_the_context() {
+    use bridge::auth::Credentials;
+    use lambdas::authorizer::{allow, MAX_RESPONSE_BYTES};
+    // Grow the permissions until the context alone is just under 8 KB: the
+    // policy around it then takes the response over the limit.
+    let mut filters: Vec<String> = Vec::new();
+    let credentials = |filters: &Vec<String>| Credentials {
+        perms: perms(
+            "big",
+            &filters.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[],
+        ),
+        expires_at: Some(now_secs() as u64 + 600),
+    };
+    loop {
+        filters.push(format!("c/{:04}", filters.len()));
+        let c = credentials(&filters);
+        let context_len = json!({
+            "permissions": serde_json::to_string(&c.perms).unwrap(),
+            "expires": c.expires_at.unwrap().to_string(),
+            "sub": "big",
+        })
+        .to_string()
+        .len();
+        if context_len > MAX_RESPONSE_BYTES - 100 {
+            assert!(context_len <= MAX_RESPONSE_BYTES);
+            assert!(allow(&c, ARN).is_none(), "over 8 KB in all must be denied");
+            break;
+        }
+        let r = allow(&c, ARN);
+        if let Some(r) = r {
+            assert!(serde_json::to_string(&r).unwrap().len() <= MAX_RESPONSE_BYTES);
+        }
+    }
 }
 
 /// A JWKS endpoint served by the test, counting downloads.

@@ -43,6 +43,7 @@ async fn deploy() -> Deployment {
         &with(&[
             ("TABLE_NAME", table.clone()),
             ("BRIDGE_AUTH", "token".into()),
+            ("BRIDGE_JWT_SECRET", SECRET.into()),
         ]),
     )
     .await;

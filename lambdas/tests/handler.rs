@@ -575,8 +575,10 @@ async fn retained_messages_over_the_limits_are_skipped_not_truncated() {
 
 #[tokio::test]
 async fn ping_needs_no_state() {
+    // With auth off; with auth on, the token's end in the authorizer context
+    // decides (tests/token_lifetime.rs).
     let kit = Kit::new().await;
-    let h = kit.handler(&[]);
+    let h = kit.handler(&[("BRIDGE_AUTH", "off")]);
     let before = kit.calls.total("DynamoDB");
     assert_eq!(
         send(&h, "never-connected", r#"{"action":"ping","id":9}"#).await,

@@ -48,7 +48,7 @@ pub fn allowed(headers: &HeaderMap, origins: &Origins, auth_on: bool) -> bool {
         return false;
     };
     let origin = origin.trim().to_ascii_lowercase();
-    if origins.listed.iter().any(|o| *o == origin) {
+    if origins.listed.contains(&origin) {
         return true;
     }
     let Some(host) = origin
@@ -111,7 +111,11 @@ mod tests {
             false
         ));
         // Another page, or DNS rebinding (a name in both headers): refused.
-        assert!(!allowed(&headers(Some("https://evil.example"), host), &none, false));
+        assert!(!allowed(
+            &headers(Some("https://evil.example"), host),
+            &none,
+            false
+        ));
         assert!(!allowed(
             &headers(Some("http://evil.example:8080"), "evil.example:8080"),
             &none,
@@ -124,7 +128,11 @@ mod tests {
             false
         ));
         // Auth on: the token decides.
-        assert!(allowed(&headers(Some("https://evil.example"), host), &none, true));
+        assert!(allowed(
+            &headers(Some("https://evil.example"), host),
+            &none,
+            true
+        ));
         // Listed origins, and '*'.
         let listed = Origins::new(&["https://Dash.Example.com/".into(), "null".into()]);
         assert!(allowed(

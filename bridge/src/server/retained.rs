@@ -207,7 +207,11 @@ impl Retained {
         let deadline = Instant::now() + MAX_COLLECT;
         loop {
             let wait = QUIET.min(deadline.saturating_duration_since(Instant::now()));
-            if wait.is_zero() || tokio::time::timeout(wait, arrived.notified()).await.is_err() {
+            if wait.is_zero()
+                || tokio::time::timeout(wait, arrived.notified())
+                    .await
+                    .is_err()
+            {
                 return Ok(());
             }
         }
@@ -264,13 +268,7 @@ impl Events for Retained {
     fn on_event(&self, event: Event) {
         Retained::on_event(self, event);
     }
-    fn on_error(
-        &self,
-        _: &mut EventLoop,
-        error: &ConnectionError,
-        _: u32,
-        _: Option<Duration>,
-    ) {
+    fn on_error(&self, _: &mut EventLoop, error: &ConnectionError, _: u32, _: Option<Duration>) {
         let mut st = self.state.lock();
         st.connected = false;
         // Fetches under way fail (their SUBSCRIBE dies with the connection).

@@ -55,8 +55,6 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// The server pings every connection this often; a client that sent nothing
 /// (not even a pong) for three of these is gone.
 const KEEPALIVE: Duration = Duration::from_secs(30);
-/// Close code for an expired token (PROTOCOL.md, v1.1).
-const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
 type Pending = Pin<Box<dyn Future<Output = Result<Option<String>, FrameError>> + Send>>;
 
@@ -404,14 +402,9 @@ impl Session {
 
     /// The token's time is up: say so, then close with 4001.
     async fn token_expired(&self, socket: &mut Socket) -> Closing {
-        let e = FrameError::new(
-            None,
-            ErrorCode::TokenExpired,
-            "the connection's token expired; reconnect with a fresh token (or send `auth` before it expires)",
-        );
-        let _ = self.refuse(socket, e).await;
+        let _ = self.refuse(socket, frame::token_expired()).await;
         tracing::debug!(conn = self.conn.id, "token expired");
-        Closing::Close(TOKEN_EXPIRED_CLOSE, "token expired")
+        Closing::Close(frame::TOKEN_EXPIRED_CLOSE, "token expired")
     }
 }
 

@@ -24,7 +24,8 @@ async fn main() -> Result<(), Error> {
         Store::new(aws::dynamodb(&sdk, &calls), &config.table),
         Iot::new(aws::iot_data(&sdk, &calls)),
         Sender::new(aws::management(&sdk, &calls, &config.websocket_endpoint)),
-    );
+    )
+    .inspect_err(|e| eprintln!("ws-handler: {e}"))?;
     let handler = &handler;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {

@@ -1026,6 +1026,7 @@ impl Kit {
         let mut vars = vec![
             ("TABLE_NAME", self.table.as_str()),
             ("WEBSOCKET_ENDPOINT", endpoint.as_str()),
+            ("BRIDGE_JWT_SECRET", KIT_SECRET),
         ];
         vars.extend_from_slice(extra);
         env_lookup(&vars)
@@ -1060,6 +1061,7 @@ impl Kit {
             lambdas::iot::Iot::new(lambdas::aws::iot_data(&self.standin_sdk, calls)),
             self.sender(calls),
         )
+        .expect("the handler starts")
     }
 
     pub fn fanout(&self, extra: &[(&str, &str)]) -> lambdas::fanout::Fanout {
@@ -1080,6 +1082,9 @@ impl Kit {
         keys(&self.ddb, &self.table).await
     }
 }
+
+/// The HS256 secret the kit's functions check `auth` tokens with.
+pub const KIT_SECRET: &str = "kit-secret-0123456789abcdef0123456789";
 
 /// The authorizer context API Gateway passes on for these permissions.
 pub fn context_for(perms: &bridge::permissions::Permissions) -> Value {
