@@ -10,8 +10,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 const BURST: usize = 20_000;
 const PAYLOAD: usize = 2048;
-/// Most messages the device may be ahead of the fast reader.
-const WINDOW: u64 = 512;
+/// Most messages the device may be ahead of the fast reader: well within
+/// its queue's bounds (1,024 frames, 1 MiB: 256 frames of 2 KiB are 0.5 MiB).
+const WINDOW: u64 = 256;
 
 /// A WebSocket client with a tiny receive buffer, so the kernel cannot hide
 /// the backlog from the server.
@@ -66,7 +67,7 @@ async fn slow_reader(s: Setup) {
     let filler = "x".repeat(PAYLOAD);
     // How far the fast reader has got. The device never runs more than
     // WINDOW messages ahead of it: a reader that keeps up (lags by less than
-    // its queue, 1,024 frames by default) must get everything, however busy
+    // its queue, 1,024 frames and 1 MiB by default) must get everything, however busy
     // the machine is. The slow reader, meanwhile, falls 20,000 behind.
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = progress.clone();
