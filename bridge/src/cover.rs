@@ -40,6 +40,10 @@ impl CoverChange {
     }
 }
 
+/// The member that keeps a pinned element: no client filter can equal it
+/// (U+0000 is never valid in a channel).
+const PINNED: &str = "\u{0}pinned";
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Node {
     children: HashMap<String, Node>,
@@ -354,6 +358,13 @@ impl Cover {
         replaced
     }
 
+    /// Pins `element`: it is served from now on and never released (the
+    /// embedded broker: the bridge subscribes to `#` once and matches every
+    /// client filter itself). Returns what it replaces, to unsubscribe.
+    pub fn pin(&mut self, element: &str) -> Vec<String> {
+        self.install(element, [PINNED.to_string()])
+    }
+
     /// Removes a client filter (the last connection holding it has let go).
     /// Returns the element to unsubscribe when nothing under it is left.
     pub fn remove(&mut self, filter: &str) -> CoverChange {
@@ -385,6 +396,19 @@ mod tests {
         e.iter()
             .enumerate()
             .all(|(i, a)| e[i + 1..].iter().all(|b| !channel::overlaps(a, b)))
+    }
+
+    #[test]
+    fn a_pinned_element_serves_everything_and_stays() {
+        let mut c = Cover::new();
+        assert!(c.pin("#").is_empty());
+        assert!(c.add("fleet/#").is_empty(), "served by the pinned #");
+        assert!(c.add("#").is_empty());
+        assert!(c.remove("#").is_empty(), "a client letting go of # keeps the pin");
+        assert!(c.remove("fleet/#").is_empty());
+        assert_eq!(c.elements(), vec!["#"]);
+        // `$` topics are outside `#`: they get elements of their own.
+        assert_eq!(c.add("$SYS/x").subscribe, vec!["$SYS/x"]);
     }
 
     #[test]

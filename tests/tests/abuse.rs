@@ -568,3 +568,56 @@ async fn logs_to_a_pipe_are_plain_text() {
         "colour codes in piped logs:\n{logs:?}"
     );
 }
+
+// ---------------------------------------------------------------- churn
+
+/// Web clients subscribing and unsubscribing ever new filters leave no state
+/// behind: in the bridge, and in the embedded broker (which the bridge
+/// subscribes to `#` once, matching every client filter itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_churn_leaves_no_state_behind() {
+    let s = Setup::with(
+        Backend::Embedded,
+        Opts::default().args(["--request-rate", "0"]),
+    );
+    let url = s.bridge.ws_url();
+    let churn = |round: usize| {
+        let url = url.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for c in 0..8 {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut client = Client::connect(&url).await;
+                    for i in 0..600 {
+                        let filter = format!("churn/{round}/{c}/{i}/+");
+                        client.subscribe(&filter).await;
+                        client.unsubscribe(&filter).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    churn(0).await; // the allocator's steady state
+    assert_eq!(s.bridge.metric("bridge_broker_subscriptions").await, 1.0);
+    let before = s.bridge.rss_kib();
+    for round in 1..3 {
+        churn(round).await;
+    }
+    let grown_kib = s.bridge.rss_kib().saturating_sub(before);
+    assert!(
+        grown_kib < 4 * 1024,
+        "{grown_kib} KiB more after 9,600 more distinct filters came and went"
+    );
+    assert_eq!(s.bridge.metric("bridge_subscriptions").await, 0.0);
+    assert_eq!(s.bridge.metric("bridge_broker_subscriptions").await, 1.0);
+    // Delivery still works through the one `#` subscription.
+    let mut c = s.client().await;
+    c.subscribe("churn/x").await;
+    let mut dev = s.device("d").await;
+    dev.publish("churn/x", "1", 1, false).await;
+    assert_eq!(c.next_message().await["data"], json!(1));
+}

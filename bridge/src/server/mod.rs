@@ -162,6 +162,12 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let opts =
         mqtt::mqtt_options(&settings, &settings.client_id, false).map_err(StartError::Mqtt)?;
     let (link, eventloop) = mqtt::Link::new(opts, hub.clone(), metrics.clone());
+    if matches!(settings.broker, Broker::Embedded(_)) {
+        // In-process, every message is cheap to receive: one subscription to
+        // `#`, and the hub's topic tree does the matching. The broker then
+        // keeps no state per web client filter, however they churn.
+        link.pin("#");
+    }
     let fetch_id = format!("{}-r", settings.client_id);
     let opts = mqtt::mqtt_options(&settings, &fetch_id, true).map_err(StartError::Mqtt)?;
     let (fetcher, fetch_loop) = retained::Retained::new(opts, settings.outbound_bytes);

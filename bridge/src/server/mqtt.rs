@@ -273,6 +273,17 @@ impl Link {
         (link, eventloop)
     }
 
+    /// Subscribes to `filter` for good, before the first connect: client
+    /// filters it covers need nothing more from the broker (see
+    /// [`Cover::pin`]).
+    pub fn pin(&self, filter: &str) {
+        let mut st = self.state.lock();
+        st.committed.pin(filter);
+        self.metrics
+            .broker_subscriptions
+            .set(st.committed.len() as i64);
+    }
+
     /// Whether the broker connection is up.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
