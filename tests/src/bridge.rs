@@ -32,8 +32,10 @@ pub fn bridge_bin() -> PathBuf {
 /// A running `bridge serve`.
 pub struct Bridge {
     pub addr: SocketAddr,
-    /// The MQTT port devices use (the embedded broker's, or Mosquitto's).
+    /// The MQTT port devices use (the embedded broker's, or the external one's).
     pub mqtt_port: u16,
+    /// The `--topic-prefix` (or `BRIDGE_TOPIC_PREFIX`) it was started with.
+    topic_prefix: Option<String>,
     child: Child,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -57,6 +59,29 @@ impl Opts {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
+    }
+
+    /// The topic prefix these options give the bridge (the flag over the
+    /// environment variable; slashes around it and an empty one mean what
+    /// they mean to the bridge).
+    pub(crate) fn topic_prefix(&self) -> Option<String> {
+        let flag = self.args.iter().enumerate().find_map(|(i, a)| {
+            if a == "--topic-prefix" {
+                self.args.get(i + 1).cloned()
+            } else {
+                a.strip_prefix("--topic-prefix=").map(str::to_string)
+            }
+        });
+        let env = || {
+            self.env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "BRIDGE_TOPIC_PREFIX")
+                .map(|(_, v)| v.clone())
+        };
+        flag.or_else(env)
+            .map(|p| p.trim_matches('/').to_string())
+            .filter(|p| !p.is_empty())
     }
 }
 
@@ -82,6 +107,7 @@ impl Bridge {
     /// Starts a bridge with exactly these options (they say where the broker
     /// is); `mqtt_port` is where devices connect.
     pub fn spawn(opts: Opts, mqtt_port: u16) -> Bridge {
+        let topic_prefix = opts.topic_prefix();
         let mut cmd = Command::new(bridge_bin());
         die_with_parent(&mut cmd);
         cmd.arg("serve")
@@ -131,9 +157,16 @@ impl Bridge {
         Bridge {
             addr,
             mqtt_port,
+            topic_prefix,
             child,
             stderr,
         }
+    }
+
+    /// The broker topic prefix web clients never see (channel `a/b` is the
+    /// MQTT topic `PREFIX/a/b`), if the bridge was started with one.
+    pub fn topic_prefix(&self) -> Option<&str> {
+        self.topic_prefix.as_deref()
     }
 
     pub fn ws_url(&self) -> String {

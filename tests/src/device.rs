@@ -1,24 +1,37 @@
 //! The device side: an ordinary MQTT client (rumqttc) on the broker that
-//! publishes, subscribes and collects what it receives.
+//! publishes, subscribes and collects what it receives. Under a bridge with a
+//! topic prefix, the device lives under it too: it names channels, the broker
+//! sees `PREFIX/channel`.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
 
 use crate::processes::{free_port, QUIET, WAIT};
 
 /// A device: an ordinary MQTT client (rumqttc) on the broker.
 pub struct Device {
+    /// The raw client: it does not apply the topic prefix.
     pub client: AsyncClient,
+    /// Put before every topic and filter, and taken off received topics.
+    prefix: Option<String>,
     rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
-    subacks: mpsc::UnboundedReceiver<()>,
+    /// Per SUBACK: did the broker grant every filter?
+    subacks: mpsc::UnboundedReceiver<bool>,
     pubacks: mpsc::UnboundedReceiver<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Device {
     pub async fn connect(port: u16, id: &str) -> Device {
+        Device::connect_under(port, id, None).await
+    }
+
+    /// Connects a device whose topics and filters live under `prefix` (the
+    /// bridge's `--topic-prefix`), so that it names the channels web clients
+    /// name.
+    pub async fn connect_under(port: u16, id: &str, prefix: Option<&str>) -> Device {
         let mut opts = MqttOptions::new(format!("{id}-{}", free_port()), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
@@ -37,8 +50,9 @@ impl Device {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         let _ = tx.send(p);
                     }
-                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
-                        let _ = stx.send(());
+                    Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                        let granted = !ack.return_codes.contains(&SubscribeReasonCode::Failure);
+                        let _ = stx.send(granted);
                     }
                     Ok(Event::Incoming(Incoming::PubAck(_))) => {
                         let _ = ptx.send(());
@@ -54,6 +68,7 @@ impl Device {
             .unwrap();
         Device {
             client,
+            prefix: prefix.map(str::to_string),
             rx,
             subacks,
             pubacks,
@@ -75,7 +90,7 @@ impl Device {
             QoS::AtLeastOnce
         };
         self.client
-            .publish(topic, q, retain, payload.into())
+            .publish(self.to_broker(topic), q, retain, payload.into())
             .await
             .unwrap();
         if qos == 1 {
@@ -86,22 +101,42 @@ impl Device {
         }
     }
 
+    /// Subscribes with QoS 1 and waits for the broker to grant it.
     pub async fn subscribe(&mut self, filter: &str) {
         self.client
-            .subscribe(filter, QoS::AtLeastOnce)
+            .subscribe(self.to_broker(filter), QoS::AtLeastOnce)
             .await
             .unwrap();
-        tokio::time::timeout(WAIT, self.subacks.recv())
+        let granted = tokio::time::timeout(WAIT, self.subacks.recv())
             .await
             .expect("suback")
             .unwrap();
+        assert!(granted, "the broker refused the subscription to {filter}");
     }
 
+    /// The next message, its topic as the device named it (without prefix).
     pub async fn next_publish(&mut self) -> rumqttc::Publish {
-        tokio::time::timeout(WAIT, self.rx.recv())
+        let mut p = tokio::time::timeout(WAIT, self.rx.recv())
             .await
             .expect("no MQTT message")
-            .unwrap()
+            .unwrap();
+        if let Some(prefix) = &self.prefix {
+            p.topic = p
+                .topic
+                .strip_prefix(prefix.as_str())
+                .and_then(|t| t.strip_prefix('/'))
+                .unwrap_or_else(|| panic!("{} is outside the prefix {prefix}", p.topic))
+                .to_string();
+        }
+        p
+    }
+
+    /// The broker's name for a topic or filter.
+    fn to_broker(&self, name: &str) -> String {
+        match &self.prefix {
+            Some(prefix) => format!("{prefix}/{name}"),
+            None => name.to_string(),
+        }
     }
 
     pub async fn expect_silence(&mut self) {

@@ -1,5 +1,6 @@
 //! Black-box test harness: starts real processes (the `bridge` binary, a
-//! Mosquitto of its own on a free port) and talks to them over real sockets
+//! Mosquitto of its own on a free port, a RabbitMQ node shared by the tests of
+//! one binary) and talks to them over real sockets
 //! with ordinary clients (tokio-tungstenite for the browser side, rumqttc for
 //! devices). Nothing here knows the bridge's internals.
 //!
@@ -13,6 +14,7 @@ mod http;
 mod mosquitto;
 mod pki;
 mod processes;
+mod rabbitmq;
 mod setup;
 mod tokens;
 
@@ -23,5 +25,6 @@ pub use http::{http_get, https_healthz};
 pub use mosquitto::Mosquitto;
 pub use pki::{client_tls, make_pki, openssl};
 pub use processes::{free_port, QUIET, WAIT};
+pub use rabbitmq::RabbitMq;
 pub use setup::{Backend, Setup};
 pub use tokens::{hs256_token, now};
