@@ -234,12 +234,18 @@ impl Verifier {
         }
         let data = decode::<Claims>(token, &key.key, &validation).map_err(|e| refusal(&e))?;
         let claims = data.claims;
-        Ok(Credentials {
+        let credentials = Credentials {
             perms: Permissions::from_claims(claims.sub.as_deref(), &claims.channels),
             expires_at: Some(
                 (claims.exp.max(0.0) as u64).saturating_add(self.settings.leeway_secs),
             ),
-        })
+        };
+        // jsonwebtoken still accepts a token in the second of its `exp`; a
+        // connection ends at that second, so the handshake refuses it too.
+        if credentials.expired(now_secs()) {
+            return Err(AuthError::Expired);
+        }
+        Ok(credentials)
     }
 }
 
@@ -309,6 +315,10 @@ mod tests {
         assert_eq!(v.verify(&wrong), Err(AuthError::Invalid("bad signature")));
         let expired = token(SECRET, json!({"exp":now()-10}));
         assert_eq!(v.verify(&expired), Err(AuthError::Expired));
+        // In the second of its `exp`, a token no longer opens a connection
+        // that would end at once.
+        let ending = token(SECRET, json!({"exp":now()}));
+        assert_eq!(v.verify(&ending), Err(AuthError::Expired));
         let no_exp = token(SECRET, json!({"sub":"x"}));
         assert!(matches!(v.verify(&no_exp), Err(AuthError::Invalid(_))));
         // The leeway moves the end of the connection too.
