@@ -54,12 +54,32 @@ fn every_variable_the_functions_read_is_set() {
         for var in vars {
             assert!(names.contains(var), "{logical} does not set {var}");
         }
+        // ws-handler verifies tokens too (the `auth` action), with the authorizer's settings.
+        let also: &[&str] = if logical == "HandlerFunction" {
+            AuthorizerConfig::VARS
+        } else {
+            &[]
+        };
         for name in &names {
             assert!(
-                vars.contains(name) || name.starts_with("AWS_ENDPOINT_URL_"),
+                vars.contains(name) || also.contains(name) || name.starts_with("AWS_ENDPOINT_URL_"),
                 "{logical} sets {name}, which nothing reads"
             );
         }
+    }
+    // The handler checks tokens exactly as the authorizer does: the same
+    // variables, from the same parameters.
+    let vars = |f: &str| resource(&t, f)["Properties"]["Environment"]["Variables"].clone();
+    let (handler, authorizer) = (vars("HandlerFunction"), vars("AuthorizerFunction"));
+    for var in AuthorizerConfig::VARS {
+        assert!(
+            !authorizer[var].is_null(),
+            "the authorizer does not set {var}"
+        );
+        assert_eq!(
+            handler[var], authorizer[var],
+            "ws-handler's {var} differs from ws-authorizer's"
+        );
     }
     // The handler publishes through this account's IoT data endpoint.
     let h = &resource(&t, "HandlerFunction")["Properties"]["Environment"]["Variables"];
