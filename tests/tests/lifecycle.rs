@@ -148,7 +148,7 @@ async fn sub_and_pub_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_token_from_the_environment() {
-    let secret = "s";
+    let secret = "lifecycle-secret-0123456789abcdef0123";
     let s = Setup::with(
         Backend::Embedded,
         Opts::default().env("BRIDGE_JWT_SECRET", secret),
