@@ -2,7 +2,9 @@
 //! set, the IAM grants are exactly the permissions AWS documents for the calls
 //! the code makes (observed by running every path of the functions, each call
 //! recorded as it was made), the rule's SQL selects exactly the fields
-//! `iot-fanout` reads, the routes are the ones `ws-handler` handles.
+//! `iot-fanout` reads, the routes are the ones `ws-handler` handles; and the
+//! deployment itself holds up on a real account: the stage waits for the
+//! account's logging role, that role outlives the stack.
 
 mod support;
 
@@ -507,6 +509,97 @@ fn the_grant_check_catches_a_missing_or_extra_grant() {
         .cloned()
         .collect();
     assert!(fails(&iot_only(&t), &fewer), "a grant no call needs");
+}
+
+/// Every resource a value refers to (`!Ref`, `!GetAtt`, `${X}` in `!Sub`,
+/// in either branch of an `!If`).
+fn references(v: &Y, out: &mut BTreeSet<String>) {
+    match v {
+        Y::Tagged(t) => {
+            let tag = t.tag.to_string();
+            match (tag.as_str(), &t.value) {
+                ("!Ref", Y::String(name)) => {
+                    out.insert(name.clone());
+                }
+                ("!GetAtt", Y::String(path)) => {
+                    out.insert(path.split('.').next().unwrap().to_string());
+                }
+                ("!Sub", Y::String(text)) => {
+                    for part in text.split("${").skip(1) {
+                        let name = part.split('}').next().unwrap();
+                        out.insert(name.split('.').next().unwrap().to_string());
+                    }
+                }
+                _ => references(&t.value, out),
+            }
+        }
+        Y::Sequence(items) => items.iter().for_each(|i| references(i, out)),
+        Y::Mapping(m) => m.values().for_each(|i| references(i, out)),
+        _ => {}
+    }
+}
+
+/// Whether CloudFormation creates `to` before `from` (a chain of references
+/// or DependsOn from one to the other).
+fn waits_for(t: &Y, from: &str, to: &str) -> bool {
+    let resources = t["Resources"].as_mapping().unwrap();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![from.to_string()];
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let r = &t["Resources"][name.as_str()];
+        let mut refs = BTreeSet::new();
+        references(&r["Properties"], &mut refs);
+        references(&r["Metadata"], &mut refs);
+        match &r["DependsOn"] {
+            Y::String(d) => {
+                refs.insert(d.clone());
+            }
+            Y::Sequence(ds) => refs.extend(ds.iter().filter_map(|d| d.as_str().map(String::from))),
+            _ => {}
+        }
+        for next in refs {
+            if next == to {
+                return true;
+            }
+            if resources.contains_key(next.as_str()) {
+                todo.push(next);
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn the_stage_waits_for_the_account_logging_role() {
+    let t = template();
+    assert!(!t["Resources"]["Stage"]["Properties"]["AccessLogSettings"].is_null());
+    // Created in this stack on a first deploy: the stage's access logs need it first.
+    assert_eq!(
+        resource(&t, "ApiGatewayAccount")["Condition"].as_str(),
+        Some("SetAccountRole")
+    );
+    assert!(
+        waits_for(&t, "Stage", "ApiGatewayAccount"),
+        "the stage with access logs does not wait for the account's CloudWatch role"
+    );
+    // The helper sees a chain, and no chain where there is none.
+    assert!(waits_for(&t, "Stage", "DefaultRouteResponse"));
+    assert!(!waits_for(&t, "ConnectionsTable", "Stage"));
+}
+
+#[test]
+fn the_account_logging_role_outlives_the_stack() {
+    let t = template();
+    let role = resource(&t, "ApiGatewayCloudWatchRole");
+    // The account keeps pointing at it after a teardown, or a deploy that
+    // stops setting it: deleting it would stop access logs account-wide.
+    assert_eq!(role["DeletionPolicy"].as_str(), Some("Retain"));
+    assert_eq!(role["UpdateReplacePolicy"].as_str(), Some("Retain"));
+    let (_, arn) = untag(&resource(&t, "ApiGatewayAccount")["Properties"]["CloudWatchRoleArn"]);
+    assert_eq!(arn.as_str(), Some("ApiGatewayCloudWatchRole.Arn"));
 }
 
 /// Whether CloudFormation's AllowedPattern (a whole-value match) takes `value`;
