@@ -3,14 +3,18 @@
 # cargo lambda, then `sam deploy`s infra/template.yaml, and prints the wss:// URL.
 #
 #   infra/deploy.sh [--stack NAME] [--region REGION] [--arch arm64|x86_64]
-#                   [--no-auth] [--jwks-url URL] [--topic-filter FILTER] [--topic-prefix PREFIX]
+#                   [--no-auth] [--jwks-url URL] [--jwt-issuer ISS] [--jwt-audience AUD]
+#                   [--jwt-leeway SECONDS] [--topic-filter FILTER] [--topic-prefix PREFIX]
 #                   [-- extra sam deploy --parameter-overrides KEY=VALUE ...]
 #
 # Needs: cargo + cargo-lambda (pip install cargo-lambda), the AWS SAM CLI
 # (pip install aws-sam-cli), the AWS CLI, and AWS credentials.
 # Auth: HS256 with $BRIDGE_JWT_SECRET (generated once into infra/.jwt-secret
 # when unset), or RS256/ES256 with --jwks-url (e.g. a Cognito user pool), or
-# --no-auth. Tear down with infra/teardown.sh.
+# --no-auth. Every run passes every auth setting. Tear down with infra/teardown.sh.
+#
+# Written for bash 3.2 (macOS) as well as bash 5: no associative arrays, no
+# mapfile, and empty arrays expanded as ${a[@]+"${a[@]}"} under `set -u`.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,24 +24,49 @@ region="${AWS_REGION:-${AWS_DEFAULT_REGION:-}}"
 arch="arm64"
 auth="token"
 jwks_url="${BRIDGE_JWKS_URL:-}"
+jwt_issuer="${BRIDGE_JWT_ISSUER:-}"
+jwt_audience="${BRIDGE_JWT_AUDIENCE:-}"
+jwt_leeway="${BRIDGE_JWT_LEEWAY:-0}"
 topic_filter="#"
 topic_prefix=""
 extra=()
 
+usage() { sed -n '2,18p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --stack) stack="$2"; shift 2 ;;
-    --region) region="$2"; shift 2 ;;
-    --arch) arch="$2"; shift 2 ;;
+    --stack|--region|--arch|--jwks-url|--jwt-issuer|--jwt-audience|--jwt-leeway|--topic-filter|--topic-prefix)
+      [ $# -ge 2 ] || { echo "deploy.sh: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in
+        --stack) stack="$2" ;;
+        --region) region="$2" ;;
+        --arch) arch="$2" ;;
+        --jwks-url) jwks_url="$2" ;;
+        --jwt-issuer) jwt_issuer="$2" ;;
+        --jwt-audience) jwt_audience="$2" ;;
+        --jwt-leeway) jwt_leeway="$2" ;;
+        --topic-filter) topic_filter="$2" ;;
+        --topic-prefix) topic_prefix="$2" ;;
+      esac
+      shift 2 ;;
     --no-auth) auth="off"; shift ;;
-    --jwks-url) jwks_url="$2"; shift 2 ;;
-    --topic-filter) topic_filter="$2"; shift 2 ;;
-    --topic-prefix) topic_prefix="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "deploy.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+# The auth settings are passed on every run (below), so they cannot come
+# after `--` as well; a secret never goes on a command line of ours.
+for kv in ${extra[@]+"${extra[@]}"}; do
+  case "${kv%%=*}" in
+    AuthMode|JwtSecret|JwksUrl|JwtIssuer|JwtAudience|JwtLeeway|SetApiGatewayCloudWatchRole)
+      echo "deploy.sh: pass ${kv%%=*} with deploy.sh's options (or \$BRIDGE_JWT_SECRET), not after --" >&2
+      exit 2 ;;
+  esac
+done
+case "$jwt_leeway" in
+  ''|*[!0-9]*) echo "deploy.sh: --jwt-leeway is a number of seconds" >&2; exit 2 ;;
+esac
 
 need() {
   if ! command -v "$1" >/dev/null 2>&1; then
@@ -58,6 +87,23 @@ case "$arch" in
   *) echo "deploy.sh: --arch is arm64 or x86_64" >&2; exit 2 ;;
 esac
 
+# The auth settings, all of them on every run: `sam deploy` keeps a
+# parameter's previous value when it is not passed, so switching from a
+# secret to --jwks-url must empty the secret (and the other way round).
+jwt_secret=""
+if [ "$auth" = "token" ] && [ -z "$jwks_url" ]; then
+  jwt_secret="${BRIDGE_JWT_SECRET:-}"
+  if [ -z "$jwt_secret" ]; then
+    secret_file="$here/.jwt-secret"
+    if [ ! -s "$secret_file" ]; then
+      (umask 077; openssl rand -hex 32 > "$secret_file")
+      echo "==> generated an HS256 secret in $secret_file"
+    fi
+    jwt_secret="$(cat "$secret_file")"
+  fi
+fi
+if [ "$auth" = "off" ]; then jwks_url=""; fi
+
 echo "==> building the functions ($arch)"
 (cd "$root" && cargo lambda build --release "$target_flag" --package lambdas \
   --bin ws-handler --bin ws-authorizer --bin iot-fanout --lambda-dir "$here/build")
@@ -66,34 +112,57 @@ echo "==> looking up this account's IoT data endpoint"
 iot_endpoint="$(aws iot describe-endpoint --endpoint-type iot:Data-ATS --region "$region" \
   --query endpointAddress --output text)"
 
-# Access logs of WebSocket APIs need the account's API Gateway CloudWatch role.
-cw_role="$(aws apigateway get-account --region "$region" --query cloudwatchRoleArn --output text 2>/dev/null || true)"
-set_role="false"
-if [ -z "$cw_role" ] || [ "$cw_role" = "None" ]; then set_role="true"; fi
-
-params=(
-  "Architecture=$arch"
-  "AuthMode=$auth"
-  "TopicFilter=$topic_filter"
-  "TopicPrefix=$topic_prefix"
-  "IotDataEndpoint=$iot_endpoint"
-  "SetApiGatewayCloudWatchRole=$set_role"
-)
-if [ "$auth" = "token" ]; then
-  if [ -n "$jwks_url" ]; then
-    params+=("JwksUrl=$jwks_url")
+# Access logs of WebSocket APIs need the account's API Gateway CloudWatch
+# role. This stack creates it when the account has none, and keeps it on
+# every later deploy: the account then points at that role, and flipping the
+# parameter back to false would remove it from the stack (the template
+# retains the role even so, but the stack would no longer manage it).
+# A parameter of the deployed stack; nothing when there is no stack yet.
+stack_param() {
+  local out err status=0
+  err="$(mktemp)"
+  out="$(aws cloudformation describe-stacks --stack-name "$stack" --region "$region" \
+    --query "Stacks[0].Parameters[?ParameterKey=='$1'].ParameterValue" --output text 2>"$err")" || status=$?
+  if [ "$status" -eq 0 ]; then
+    printf '%s\n' "$out"
+  elif grep -q "does not exist" "$err"; then
+    status=0
   else
-    secret_file="$here/.jwt-secret"
-    if [ -z "${BRIDGE_JWT_SECRET:-}" ]; then
-      if [ ! -s "$secret_file" ]; then
-        (umask 077; openssl rand -hex 32 > "$secret_file")
-        echo "==> generated an HS256 secret in $secret_file"
-      fi
-      BRIDGE_JWT_SECRET="$(cat "$secret_file")"
-    fi
-    params+=("JwtSecret=$BRIDGE_JWT_SECRET")
+    echo "deploy.sh: cannot read stack $stack: $(cat "$err")" >&2
   fi
+  rm -f "$err"
+  return "$status"
+}
+previous_set_role="$(stack_param SetApiGatewayCloudWatchRole)"
+set_role="false"
+if [ "$previous_set_role" = "true" ]; then
+  set_role="true"
+else
+  cw_role="$(aws apigateway get-account --region "$region" --query cloudwatchRoleArn --output text 2>/dev/null || true)"
+  if [ -z "$cw_role" ] || [ "$cw_role" = "None" ]; then set_role="true"; fi
 fi
+
+# One KEY="VALUE" item as `sam deploy --parameter-overrides` reads it: the
+# value in double quotes, so an empty value ("") or one with spaces passes
+# whole; `"` is escaped; sam has no way to pass a backslash through.
+params=()
+param() {
+  case "$2" in
+    *\\*) echo "deploy.sh: the value of $1 contains a backslash, which sam deploy cannot pass" >&2; exit 2 ;;
+  esac
+  params+=("$1=\"$(printf '%s' "$2" | sed 's/"/\\"/g')\"")
+}
+param Architecture "$arch"
+param AuthMode "$auth"
+param JwtSecret "$jwt_secret"
+param JwksUrl "$jwks_url"
+param JwtIssuer "$jwt_issuer"
+param JwtAudience "$jwt_audience"
+param JwtLeeway "$jwt_leeway"
+param TopicFilter "$topic_filter"
+param TopicPrefix "$topic_prefix"
+param IotDataEndpoint "$iot_endpoint"
+param SetApiGatewayCloudWatchRole "$set_role"
 
 echo "==> deploying stack $stack to $region"
 sam deploy \
@@ -104,7 +173,7 @@ sam deploy \
   --resolve-s3 \
   --no-confirm-changeset \
   --no-fail-on-empty-changeset \
-  --parameter-overrides "${params[@]}" "${extra[@]}"
+  --parameter-overrides ${params[@]+"${params[@]}"} ${extra[@]+"${extra[@]}"}
 
 output() {
   aws cloudformation describe-stacks --stack-name "$stack" --region "$region" \
@@ -120,7 +189,7 @@ aws apigatewayv2 create-deployment --api-id "$api_id" --stage-name "$stage" --re
 url="$(output WebSocketUrl)"
 echo
 echo "WebSocket URL: $url"
-if [ "$auth" = "token" ] && [ -z "$jwks_url" ]; then
+if [ -n "$jwt_secret" ]; then
   echo "A token for it:  infra/token.sh user-1 'demo/#' 'demo/#'"
   echo "Then:            bridge sub \"$url?token=\$TOKEN\" 'demo/#'"
 fi
