@@ -104,8 +104,8 @@ if [ "$auth" = "token" ] && [ -z "$jwks_url" ]; then
 fi
 if [ "$auth" = "off" ]; then jwks_url=""; fi
 
-echo "==> building the functions ($arch)"
-(cd "$root" && cargo lambda build --release "$target_flag" --package lambdas \
+echo "==> building the functions ($arch, profile lambda)"
+(cd "$root" && cargo lambda build --profile lambda "$target_flag" --package lambdas \
   --bin ws-handler --bin ws-authorizer --bin iot-fanout --lambda-dir "$here/build")
 
 echo "==> looking up this account's IoT data endpoint"

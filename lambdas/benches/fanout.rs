@@ -1,10 +1,13 @@
-//! The fan-out benchmark and the init-time measurement, on the built
-//! binaries (bench profile = release).
+//! The fan-out benchmark and the size and init-time measurement, on the
+//! built binaries.
 //!
-//! `cargo bench -p lambdas --bench fanout`
+//! `cargo bench -p lambdas --bench fanout --profile lambda` measures the
+//! binaries as `infra/deploy.sh` builds them (the workspace's `lambda`
+//! profile); without `--profile` it measures the release profile.
 //!
-//! 1. Init time: each binary is started under a local Lambda Runtime API;
-//!    the time from process start to its first `/next` request (median of 5).
+//! 1. Size and init time: each binary's size on disk, and the time from
+//!    process start to its first `/next` request under a local Lambda Runtime
+//!    API (median of 5), against the budget (8 MB, 15 ms).
 //! 2. Fan-out: 5,000 connections subscribed to one channel (rows in moto's
 //!    DynamoDB, in the store's format); the `@connections` stand-in answers
 //!    each post after 20 ms; one device message through the `iot-fanout`
@@ -25,6 +28,9 @@ use support::*;
 const SUBSCRIBERS: usize = 5_000;
 const POST_DELAY: Duration = Duration::from_millis(20);
 const CHANNEL: &str = "fleet/d1/telemetry";
+/// What a deployed binary may weigh, and take to start.
+const MAX_BYTES: u64 = 8_000_000;
+const MAX_INIT: Duration = Duration::from_millis(15);
 
 fn bin(name: &str) -> &'static str {
     match name {
@@ -45,7 +51,18 @@ async fn main() {
     env.push(("TABLE_NAME".into(), table.clone()));
     env.push(("BRIDGE_JWT_SECRET".into(), "bench".into()));
 
-    println!("init time (process start to first /next), median of 5:");
+    // target/<profile>/<binary>: the profile these binaries were built with.
+    let profile = std::path::Path::new(bin("ws-handler"))
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "binaries of profile {profile:?}: size, and init time (process start to first /next), median of 5 \
+         (budget {} MB, {} ms):",
+        MAX_BYTES / 1_000_000,
+        MAX_INIT.as_millis()
+    );
     for name in ["ws-handler", "ws-authorizer", "iot-fanout"] {
         let size = std::fs::metadata(bin(name)).map(|m| m.len()).unwrap_or(0);
         let mut times = Vec::new();
@@ -54,12 +71,21 @@ async fn main() {
             times.push(p.init_time().await);
         }
         times.sort();
+        let over = |over: bool, what: &str| {
+            if over {
+                format!("  OVER the {what} budget")
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "  {name:<14} {:>7.1} ms   (min {:.1}, max {:.1}; binary {:.1} MB)",
+            "  {name:<14} {:>5.2} MB {:>7.1} ms   (min {:.1}, max {:.1}){}{}",
+            size as f64 / 1e6,
             ms(times[2]),
             ms(times[0]),
             ms(times[4]),
-            size as f64 / 1e6
+            over(size > MAX_BYTES, "size"),
+            over(times[2] > MAX_INIT, "init"),
         );
     }
 

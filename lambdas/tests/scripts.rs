@@ -583,6 +583,51 @@ fn extra_overrides_pass_through_and_none_is_fine_under_set_u() {
 }
 
 #[test]
+fn deploy_builds_with_the_size_profile() {
+    let s = Sandbox::new("build");
+    s.deploy(&["--arch", "x86_64"], SECRET);
+    let build = s
+        .calls()
+        .into_iter()
+        .find(|(cmd, args)| cmd == "cargo" && args.get(1).map(String::as_str) == Some("build"))
+        .expect("a cargo lambda build")
+        .1;
+    let profile = build
+        .iter()
+        .position(|a| a == "--profile")
+        .expect("--profile");
+    assert_eq!(build[profile + 1], "lambda");
+    assert!(!build.contains(&"--release".to_string()), "{build:?}");
+    assert!(build.contains(&"--x86-64".to_string()));
+    // The profile: small binaries (Lambda bills init time and the package
+    // limit counts bytes), no unwinding tables, no symbols.
+    let cargo_toml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+            .unwrap();
+    let section: BTreeMap<&str, &str> = cargo_toml
+        .split("[profile.lambda]")
+        .nth(1)
+        .expect("a [profile.lambda] in the workspace Cargo.toml")
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    assert_eq!(section.get("inherits"), Some(&"\"release\""));
+    assert!(matches!(
+        section.get("opt-level"),
+        Some(&"\"s\"") | Some(&"\"z\"")
+    ));
+    assert!(matches!(
+        section.get("lto"),
+        Some(&"true") | Some(&"\"fat\"")
+    ));
+    assert_eq!(section.get("codegen-units"), Some(&"1"));
+    assert_eq!(section.get("panic"), Some(&"\"abort\""));
+    assert_eq!(section.get("strip"), Some(&"true"));
+}
+
+#[test]
 fn teardown_keeps_the_logging_role_and_says_so() {
     let s = Sandbox::new("teardown");
     s.deploy(&[], SECRET);
