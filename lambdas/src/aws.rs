@@ -15,6 +15,9 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use crate::calls::Calls;
 
+/// One `@connections` request attempt is cut after this.
+pub const POST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The shared SDK configuration: region, credentials and endpoints from the
 /// environment, as the Lambda runtime provides them.
 pub async fn sdk_config() -> SdkConfig {
@@ -59,7 +62,7 @@ pub fn management(
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(3))
-                .operation_attempt_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(POST_ATTEMPT_TIMEOUT)
                 .build(),
         );
     if !endpoint_from_env("APIGATEWAYMANAGEMENTAPI") {

@@ -80,6 +80,27 @@ fn prefix(env: Lookup) -> Result<Prefix, ConfigError> {
 pub const MAX_POST_BYTES: usize = 128 * 1024;
 /// API Gateway closes a connection after 2 hours; rows live this much longer.
 pub const DEFAULT_CONNECTION_TTL_SECS: i64 = 2 * 3600 + 10 * 60;
+/// How long a fan-out environment may reuse a DynamoDB read (see
+/// [`crate::lookup`]) unless `BRIDGE_LOOKUP_CACHE_MS` says otherwise.
+pub const DEFAULT_LOOKUP_CACHE_MS: u64 = 1000;
+/// The most `BRIDGE_LOOKUP_CACHE_MS` may be: a subscribe's ack waits that
+/// long, within API Gateway's 29 s.
+pub const MAX_LOOKUP_CACHE_MS: u64 = 10_000;
+
+/// `BRIDGE_LOOKUP_CACHE_MS`: how long the fan-out may reuse a read, and so
+/// how long ws-handler holds back a subscribe's ack (both functions read
+/// the same template parameter).
+fn lookup_max_age(env: Lookup) -> Result<std::time::Duration, ConfigError> {
+    let name = "BRIDGE_LOOKUP_CACHE_MS";
+    let ms = number(env, name, DEFAULT_LOOKUP_CACHE_MS, 0)?;
+    if ms > MAX_LOOKUP_CACHE_MS {
+        return Err(ConfigError::Invalid {
+            name,
+            reason: format!("must be at most {MAX_LOOKUP_CACHE_MS}"),
+        });
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
 
 /// `ws-handler`.
 #[derive(Debug, Clone)]
@@ -95,6 +116,9 @@ pub struct HandlerConfig {
     pub connection_ttl_secs: i64,
     /// Most retained messages replayed for one subscribe.
     pub max_retained: usize,
+    /// How long a fan-out may reuse a read: a subscribe's ack waits this
+    /// long (plus a margin) after its writes, see [`crate::lookup`].
+    pub lookup_max_age: std::time::Duration,
 }
 
 impl HandlerConfig {
@@ -175,6 +199,7 @@ impl HandlerConfig {
                 60,
             )?,
             max_retained: number(env, "BRIDGE_MAX_RETAINED", 1000, 0)?,
+            lookup_max_age: lookup_max_age(env)?,
         })
     }
 }
@@ -189,6 +214,8 @@ pub struct FanoutConfig {
     pub max_payload_bytes: usize,
     /// Posts in flight at once.
     pub concurrency: usize,
+    /// How long a read may be reused (see [`crate::lookup`]).
+    pub lookup_max_age: std::time::Duration,
 }
 
 impl FanoutConfig {
@@ -212,6 +239,7 @@ impl FanoutConfig {
                 1,
             )?,
             concurrency: number(env, "BRIDGE_FANOUT_CONCURRENCY", 128, 1)?,
+            lookup_max_age: lookup_max_age(env)?,
         })
     }
 }
@@ -346,6 +374,33 @@ mod tests {
             ("BRIDGE_AUTH", "off"),
         ]);
         assert!(HandlerConfig::from_env(&e).is_err());
+    }
+
+    #[test]
+    fn the_lookup_cache_age_is_bounded() {
+        let base = [
+            ("TABLE_NAME", "t"),
+            ("WEBSOCKET_ENDPOINT", "https://x"),
+            ("BRIDGE_AUTH", "off"),
+        ];
+        let with = |v: &str| {
+            let mut vars = base.to_vec();
+            vars.push(("BRIDGE_LOOKUP_CACHE_MS", v));
+            env(&vars)
+        };
+        let c = FanoutConfig::from_env(&env(&base)).unwrap();
+        assert_eq!(c.lookup_max_age, std::time::Duration::from_secs(1));
+        let h = HandlerConfig::from_env(&with("250")).unwrap();
+        assert_eq!(h.lookup_max_age, std::time::Duration::from_millis(250));
+        assert!(FanoutConfig::from_env(&with("0"))
+            .unwrap()
+            .lookup_max_age
+            .is_zero());
+        for bad in ["10001", "-1", "soon"] {
+            let err = FanoutConfig::from_env(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("BRIDGE_LOOKUP_CACHE_MS"), "{bad}: {err}");
+            assert!(HandlerConfig::from_env(&with(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,13 +4,13 @@
 //! The event is what the rule's SQL selects ([`RULE_FIELDS`]):
 //! `{"topic": "...", "payload": "<base64>", "timestamp": <ms>, "id": "<uuid>"}`.
 //!
-//! Finding the connections: the topic's own filter rows, plus the rows of the
-//! wildcard filters in use that match it. Those come from the registry in
-//! [`crate::store`], kept in memory between invocations and re-read only when
-//! its version moved (one consistent `GetItem` per message), so a filter
-//! acked a moment ago is never missed. The match itself is the core's
-//! [`bridge::channel::matches`]. A connection found through several filters
-//! gets one copy.
+//! Finding the connections: the rows of the topic itself, of its
+//! literal-prefix ancestors (`#`, `a/#`, ...) and of the registered `+`
+//! filters that match it ([`crate::store::lookup_keys`]), each read through
+//! this environment's cache ([`crate::lookup`]: reused for at most
+//! `BRIDGE_LOOKUP_CACHE_MS`, never missing an acked subscription). The match
+//! itself is the core's [`bridge::channel::matches`]. A connection found
+//! through several filters gets one copy.
 //!
 //! Delivery: the `message` frame is built once by the core and shared by all
 //! posts ([`crate::sender`]); connections that answer `410 Gone` have their
@@ -30,8 +30,6 @@
 //! lookup does, so Lambda retries it and, after that, it lands in the
 //! function's dead-letter queue.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
@@ -42,8 +40,11 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::Budget;
 use crate::calls::Calls;
+use crate::clock::Clock;
 use crate::config::FanoutConfig;
+use crate::lookup::Lookups;
 use crate::sender::{self, Outcome, Sender};
 use crate::store::{Store, StoreError};
 
@@ -101,40 +102,32 @@ pub struct Report {
 pub struct Fanout {
     config: FanoutConfig,
     store: Store,
+    lookups: Lookups,
     sender: Sender,
     calls: Calls,
-    /// The wildcard registry as last read: (version, filters).
-    registry: tokio::sync::Mutex<Option<(i64, Arc<Vec<String>>)>>,
 }
 
 impl Fanout {
     pub fn new(config: FanoutConfig, store: Store, sender: Sender, calls: Calls) -> Self {
+        Self::with_clock(config, store, sender, calls, Clock::System)
+    }
+
+    /// With the clock the lookup cache ages by (a manual one for replays).
+    pub fn with_clock(
+        config: FanoutConfig,
+        store: Store,
+        sender: Sender,
+        calls: Calls,
+        clock: Clock,
+    ) -> Self {
+        let lookups = Lookups::new(store.clone(), config.lookup_max_age, clock);
         Fanout {
             config,
             store,
+            lookups,
             sender,
             calls,
-            registry: tokio::sync::Mutex::new(None),
         }
-    }
-
-    /// The wildcard filters in use, re-read only when the version moved.
-    async fn wildcards(&self, now: i64) -> Result<Arc<Vec<String>>, StoreError> {
-        let version = self.store.registry_version().await?;
-        let mut cached = self.registry.lock().await;
-        if let Some((v, filters)) = cached.as_ref() {
-            if *v == version {
-                return Ok(filters.clone());
-            }
-        }
-        let (v, filters) = if version == 0 {
-            (0, Vec::new())
-        } else {
-            self.store.wildcards(now).await?
-        };
-        let filters = Arc::new(filters);
-        *cached = Some((v, filters.clone()));
-        Ok(filters)
     }
 
     /// One rule event.
@@ -142,7 +135,8 @@ impl Fanout {
         let started = Instant::now();
         let dynamodb_before = self.calls.total("DynamoDB");
         let mut report = Report::default();
-        let result = self.deliver(event, &mut report).await;
+        // Boxed: the delivery future is deep, and callers nest it further.
+        let result = Box::pin(self.deliver(event, &mut report)).await;
         report.duration_ms = started.elapsed().as_millis() as u64;
         report.dynamodb_requests = self.calls.total("DynamoDB") - dynamodb_before;
         crate::emf::emit(
@@ -193,32 +187,12 @@ impl Fanout {
             }
         };
         let now = crate::now_secs();
-        let wildcards = self.wildcards(now).await?;
-        let mut filters = vec![event.topic.clone()];
-        filters.extend(
-            wildcards
-                .iter()
-                .filter(|f| channel::matches(f, &event.topic))
-                .cloned(),
-        );
-        report.filters = filters.len();
-        let lookups = futures_util::future::try_join_all(
-            filters.iter().map(|f| self.store.subscribers(f, now)),
-        )
-        .await?;
-        // One entry per connection; rows that disagree on the token's end
-        // (an `auth` under way) count with the latest.
-        let mut found: BTreeMap<String, Option<i64>> = BTreeMap::new();
-        for sub in lookups.into_iter().flatten() {
-            let end = found.entry(sub.id).or_insert(sub.token_expires);
-            *end = match (*end, sub.token_expires) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                _ => None,
-            };
-        }
-        report.recipients = found.len();
+        let found = self.lookups.subscribers(&event.topic, now).await?;
+        report.filters = found.filters;
+        report.recipients = found.connections.len();
         let (mut recipients, ended): (Vec<String>, Vec<String>) = {
             let (live, ended): (Vec<_>, Vec<_>) = found
+                .connections
                 .into_iter()
                 .partition(|(_, end)| end.is_none_or(|at| now < at));
             (
@@ -243,19 +217,25 @@ impl Fanout {
 
         let outcomes = self
             .sender
-            .post_all(recipients, message, self.config.concurrency)
+            .post_all(
+                recipients,
+                message,
+                self.config.concurrency,
+                &Budget::unlimited(),
+            )
             .await;
         let mut gone = Vec::new();
         for (conn, outcome) in outcomes {
             match outcome {
                 Outcome::Delivered => report.delivered += 1,
                 Outcome::Gone => gone.push(conn),
-                Outcome::Failed(_) => report.failed += 1,
+                Outcome::Failed(_) | Outcome::Later => report.failed += 1,
             }
         }
         report.gone = gone.len();
         stream::iter(gone)
             .for_each_concurrent(CLEANUP_CONCURRENCY, |conn| async move {
+                self.lookups.forget(&conn);
                 if let Err(e) = self.store.remove_connection(&conn, now).await {
                     tracing::warn!(connection = %conn, error = %e, "cannot remove a gone connection");
                 }
@@ -295,6 +275,7 @@ impl Fanout {
             .for_each_concurrent(CLEANUP_CONCURRENCY, |conn| {
                 let said = said.clone();
                 async move {
+                    self.lookups.forget(&conn);
                     let outcome = self.sender.say_and_close(&conn, said).await;
                     tracing::debug!(connection = %conn, ?outcome, "token expired: closed");
                     if let Err(e) = self.store.remove_connection(&conn, now).await {

@@ -13,6 +13,12 @@
 //!   a `subscribe` with `retained: true` are posted through `@connections`
 //!   while the request runs, so they reach the client before its ack.
 //!
+//! A subscribe is acked only once every fan-out sees it: the fan-out reuses
+//! its reads for up to `BRIDGE_LOOKUP_CACHE_MS` (see [`crate::lookup`]), so
+//! the ack waits that long plus [`ACK_MARGIN`] after the subscription's last
+//! write returned (overlapping any retained replay). A subscribe without an
+//! `id` gets no ack and does not wait.
+//!
 //! Token lifetime: a frame from a connection whose token has ended is not
 //! served: the connection is told `token_expired` and closed (API Gateway
 //! closes with its own code; 4001 cannot be chosen there). A ping needs no
@@ -31,6 +37,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{HeaderMap, HeaderValue};
 
+use crate::budget::Budget;
 use crate::config::HandlerConfig;
 use crate::iot::{Iot, IotError};
 use crate::keys::{InitError, Keys};
@@ -39,6 +46,11 @@ use crate::store::{Connection, Store, StoreError, Subscribed};
 
 /// Retained messages posted at once for one subscribe.
 const RETAINED_POSTS: usize = 16;
+
+/// Added to the lookup cache's age before a subscribe is acked: covers the
+/// rate at which two hosts' clocks may drift apart over that time, and the
+/// scheduling between the write's answer and the handler reading its clock.
+pub const ACK_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The authorizer context key that carries the permissions (a JSON string).
 pub const PERMISSIONS_KEY: &str = "permissions";
@@ -260,8 +272,12 @@ impl Handler {
             now,
             conn: &conn,
             reply: None,
+            visible_at: None,
         };
         request::carry_out(&mut shell, action).await;
+        if let (Some(at), Some(_)) = (shell.visible_at, &shell.reply) {
+            tokio::time::sleep_until(at).await;
+        }
         shell.reply
     }
 
@@ -298,8 +314,9 @@ impl Handler {
             }
             Some(Bytes::from(message))
         });
+        let budget = Budget::unlimited();
         let outcomes: Vec<Outcome> = stream::iter(frames)
-            .map(|f| self.sender.post(id, f))
+            .map(|f| self.sender.post(id, f, &budget))
             .buffer_unordered(RETAINED_POSTS)
             .collect()
             .await;
@@ -361,11 +378,27 @@ struct Shell<'a> {
     conn: &'a Connection,
     /// The route response body.
     reply: Option<String>,
+    /// When a subscription this request holds is seen by every fan-out: its
+    /// ack waits until then.
+    visible_at: Option<tokio::time::Instant>,
+}
+
+impl Shell<'_> {
+    /// The subscription's writes are done: every fan-out sees it once its
+    /// cached reads are all younger than now.
+    fn written(&mut self) {
+        let wait = self.h.config.lookup_max_age;
+        if !wait.is_zero() {
+            self.visible_at = Some(tokio::time::Instant::now() + wait + ACK_MARGIN);
+        }
+    }
 }
 
 impl Effects for Shell<'_> {
     async fn hold(&mut self, channel: &str, mqtt: &str) -> Result<Hold, Refusal> {
         if self.conn.held.contains(channel) {
+            // Held since an earlier request, which may still be waiting.
+            self.written();
             return Ok(Hold::AlreadyHeld);
         }
         let h = self.h;
@@ -384,8 +417,14 @@ impl Effects for Shell<'_> {
             )
             .await;
         match outcome {
-            Ok(Subscribed::Added) => Ok(Hold::Added),
-            Ok(Subscribed::AlreadyHeld) => Ok(Hold::AlreadyHeld),
+            Ok(Subscribed::Added) => {
+                self.written();
+                Ok(Hold::Added)
+            }
+            Ok(Subscribed::AlreadyHeld) => {
+                self.written();
+                Ok(Hold::AlreadyHeld)
+            }
             Ok(Subscribed::TooMany) => {
                 let e = session::too_many_subscriptions(None, policy);
                 Err(Refusal::new(e.code, e.message))
@@ -444,6 +483,8 @@ impl Effects for Shell<'_> {
     }
 
     async fn refuse(&mut self, error: FrameError) {
+        // Nothing held is acked: no need to wait.
+        self.visible_at = None;
         tracing::debug!(connection = self.id, code = %error.code, "refused");
         self.reply = Some(error.to_json());
     }

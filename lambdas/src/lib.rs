@@ -9,21 +9,26 @@
 //!
 //! What a frame means is decided by the core ([`bridge::session`],
 //! [`bridge::frame`], [`bridge::channel`]); these modules only move bytes and
-//! store state: [`store`] (DynamoDB), [`iot`] (IoT Data Plane), [`sender`]
-//! (`@connections`), [`keys`] (the token keys the authorizer and the handler
-//! share). [`config`] reads the environment once, [`aws`] builds the
-//! SDK clients once per process, [`calls`] counts the requests they make and
-//! [`emf`] reports counts as CloudWatch Embedded Metric Format lines.
+//! store state: [`store`] (DynamoDB), [`lookup`] (the fan-out's cached
+//! reads of it, aged by [`clock`]), [`iot`] (IoT Data Plane), [`sender`]
+//! (`@connections`, within an invocation's [`budget`]), [`keys`] (the token
+//! keys the authorizer and the handler share). [`config`] reads the
+//! environment once, [`aws`] builds the SDK clients once per process,
+//! [`calls`] counts the requests they make and [`emf`] reports counts as
+//! CloudWatch Embedded Metric Format lines.
 
 pub mod authorizer;
 pub mod aws;
+pub mod budget;
 pub mod calls;
+pub mod clock;
 pub mod config;
 pub mod emf;
 pub mod fanout;
 pub mod handler;
 pub mod iot;
 pub mod keys;
+pub mod lookup;
 pub mod sender;
 pub mod store;
 

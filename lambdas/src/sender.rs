@@ -3,22 +3,32 @@
 //!
 //! A frame is built once and shared by every post (reference-counted bytes,
 //! handed to the SDK without a copy). Posts run concurrently, at most a given
-//! number at once; each one ends on its own: delivered, gone (`410`: the
-//! caller deletes the connection's rows) or failed (logged). Throttled posts
-//! (`429`) are retried with jittered exponential backoff; nothing else is
-//! retried, so a post that may have been delivered is never sent twice.
+//! number at once, and only while the invocation's [`Budget`] lets work
+//! start. Each one ends on its own ([`Outcome`]): delivered; gone (`410`: the
+//! caller deletes the connection's rows); failed (logged); or *later*: not
+//! started, or not retried, before the budget ran out, or still throttled
+//! (`429`) after its tries: the caller hands it on to another invocation
+//! instead of losing it.
+//! Throttled posts and transient failures (5xx, timeouts, a dropped
+//! connection) are retried with jittered exponential backoff. A transient
+//! failure may hide a delivered post, so its retry may deliver a second copy:
+//! `message` frames carry the message's id for the client to drop it.
+//! Every `429` answer is counted ([`Sender::throttled`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_apigatewaymanagement::error::DisplayErrorContext;
+use aws_sdk_apigatewaymanagement::error::{DisplayErrorContext, SdkError};
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 use aws_sdk_apigatewaymanagement::Client;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
+use crate::budget::Budget;
 use crate::config::MAX_POST_BYTES;
 
-/// Tries for a throttled post.
+/// Tries for one post (throttled or failed transiently).
 pub const MAX_ATTEMPTS: u32 = 5;
 
 /// Why API Gateway would refuse to post `frame`: over its 128 KB. Such a
@@ -39,23 +49,72 @@ pub enum Outcome {
     /// The connection no longer exists (410 Gone).
     Gone,
     Failed(String),
+    /// Not delivered yet: never started (the budget ran out) or still
+    /// throttled. The caller hands it on.
+    Later,
+}
+
+/// What an attempt's error means.
+enum Attempt {
+    Gone,
+    Throttled,
+    Transient(String),
+    Failed(String),
+}
+
+fn classify<E: std::error::Error + 'static>(
+    err: &SdkError<E, aws_sdk_apigatewaymanagement::config::http::HttpResponse>,
+    gone: bool,
+    throttled: bool,
+) -> Attempt {
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    if gone || status == Some(410) {
+        return Attempt::Gone;
+    }
+    if throttled || status == Some(429) {
+        return Attempt::Throttled;
+    }
+    let reason = DisplayErrorContext(err).to_string();
+    let transient = match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        _ => status.is_some_and(|s| s >= 500),
+    };
+    if transient {
+        Attempt::Transient(reason)
+    } else {
+        Attempt::Failed(reason)
+    }
 }
 
 /// The `@connections` client.
 #[derive(Debug, Clone)]
 pub struct Sender {
     client: Client,
+    throttled: Arc<AtomicU64>,
 }
 
 impl Sender {
     pub fn new(client: Client) -> Self {
-        Sender { client }
+        Sender {
+            client,
+            throttled: Arc::default(),
+        }
     }
 
-    /// Posts one frame to one connection.
-    pub async fn post(&self, id: &str, frame: Bytes) -> Outcome {
+    /// `429` answers seen so far.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Posts one frame to one connection, starting attempts only within `budget`.
+    pub async fn post(&self, id: &str, frame: Bytes, budget: &Budget) -> Outcome {
         let mut attempt = 0;
         loop {
+            if !budget.may_start() {
+                return Outcome::Later;
+            }
             attempt += 1;
             let result = self
                 .client
@@ -68,20 +127,37 @@ impl Sender {
                 Ok(_) => return Outcome::Delivered,
                 Err(e) => e,
             };
-            let status = err.raw_response().map(|r| r.status().as_u16());
             let service = err.as_service_error();
-            if service.is_some_and(|e| e.is_gone_exception()) || status == Some(410) {
-                return Outcome::Gone;
+            let verdict = classify(
+                &err,
+                service.is_some_and(|e| e.is_gone_exception()),
+                service.is_some_and(|e| e.is_limit_exceeded_exception()),
+            );
+            match &verdict {
+                Attempt::Gone => return Outcome::Gone,
+                Attempt::Failed(reason) => {
+                    tracing::warn!(connection = id, attempt, error = %reason, "post failed");
+                    return Outcome::Failed(reason.clone());
+                }
+                Attempt::Throttled => {
+                    self.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                Attempt::Transient(_) => {}
             }
-            let throttled =
-                service.is_some_and(|e| e.is_limit_exceeded_exception()) || status == Some(429);
-            if throttled && attempt < MAX_ATTEMPTS {
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
+            if attempt >= MAX_ATTEMPTS {
+                return match verdict {
+                    Attempt::Transient(reason) => {
+                        tracing::warn!(connection = id, attempt, error = %reason, "post failed");
+                        Outcome::Failed(reason)
+                    }
+                    _ => Outcome::Later,
+                };
             }
-            let reason = DisplayErrorContext(&err).to_string();
-            tracing::warn!(connection = id, attempt, error = %reason, "post failed");
-            return Outcome::Failed(reason);
+            let wait = backoff(attempt);
+            if !budget.may_start_after(wait) {
+                return Outcome::Later;
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -115,25 +191,26 @@ impl Sender {
     /// Says `frame` (an error such as `token_expired`) and closes the
     /// connection.
     pub async fn say_and_close(&self, id: &str, frame: Bytes) -> Outcome {
-        match self.post(id, frame).await {
+        match self.post(id, frame, &Budget::unlimited()).await {
             Outcome::Gone => Outcome::Gone,
             _ => self.close(id).await,
         }
     }
 
-    /// Posts one frame to many connections, at most `concurrency` at once.
-    /// Returns each connection's outcome.
+    /// Posts one frame to many connections, at most `concurrency` at once,
+    /// starting posts only within `budget`. Returns each connection's outcome.
     pub async fn post_all(
         &self,
         ids: Vec<String>,
         frame: Bytes,
         concurrency: usize,
+        budget: &Budget,
     ) -> Vec<(String, Outcome)> {
         stream::iter(ids)
             .map(|id| {
                 let frame = frame.clone();
                 async move {
-                    let outcome = self.post(&id, frame).await;
+                    let outcome = self.post(&id, frame, budget).await;
                     (id, outcome)
                 }
             })

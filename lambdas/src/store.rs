@@ -6,24 +6,55 @@
 //! | a connection | `conn#{id}` | `meta` | `perms` (JSON), `exp` (the token's end), `sub`, `n` (filters held), `connected_at` |
 //! | a filter it holds | `conn#{id}` | `sub#{channel}` | `mqtt` (the broker filter) |
 //! | a filter's connection | `filter#{mqtt}` | `{id}` | `exp` (the token's end, a copy) |
-//! | a wildcard filter in use | `wildcards` | `f#{mqtt}` | `stamp` |
+//! | a registered `+` filter | `wildcards` | `f#{mqtt}` | `stamp` |
 //! | the registry's version | `wildcards` | `version` | `v` |
+//! | what a delivery part still owes | `sent#{message id}` | `{part key}` | `left` (connection ids) |
 //!
 //! One query reads a connection (its permissions and filters), one query a
 //! filter's connections. The fan-out never scans and never enumerates the
-//! wildcard combinations of a topic: it reads the small registry of wildcard
-//! filters in use (cached, and re-read only when `version` moved), matches the
-//! topic against it in memory with the core's [`bridge::channel::matches`], and
-//! queries just the topic itself and the filters that matched.
+//! wildcard combinations of a topic: for a message on topic T it queries the
+//! rows of T itself, of T's literal-prefix ancestors (`#`, `a/#`, `a/b/#`
+//! for `a/b`: [`lookup_keys`]), and of the registered filters that match T.
+//! Only filters with a `+` level are registered ([`registered`]); a
+//! per-user `users/{sub}/#` is an ancestor of its topics and never touches
+//! the registry. The fan-out matches the topic against the registry in
+//! memory with the core's [`bridge::channel::matches`].
 //!
-//! Races: a subscribe is one transaction conditioned on the connection row, so
-//! a subscribe racing a `$disconnect` (which deletes that row first, then the
-//! rest with consistent reads) either lands before the cleanup sees it or
-//! fails, never leaving an orphan. The filter count on the connection row
-//! holds the subscription limit under concurrent frames. A registry row is
-//! written after the filter rows (and the version bumped when the row is new),
-//! and deleted only if no filter row exists and nobody re-registered it
-//! meanwhile (`stamp`).
+//! No single item is read per message: each fan-out environment keeps every
+//! read (a filter's rows, the registry and its version) for at most the
+//! lookup cache's age (1 s by default), so a partition is read at most once
+//! per that age per environment, whatever the message rate
+//! ([`crate::lookup`], which also says why an acked subscribe is never
+//! missed: `ws-handler` acks it only once every cached read is younger than
+//! its writes). The registry's version item is written once per *new*
+//! registered filter, not per subscribe.
+//!
+//! Races, each with its outcome:
+//!
+//! * subscribe vs. `$disconnect`: a subscribe is one transaction conditioned
+//!   on the connection row, and `$disconnect` deletes that row first, then
+//!   the rest found by a consistent read; the subscribe either lands before
+//!   that read (and is cleaned) or fails. Never an orphan.
+//! * concurrent subscribes on one connection: the filter count on the
+//!   connection row, incremented in the transaction, holds the limit.
+//! * registration vs. release of a `+` filter: its registry row is written
+//!   after the filter rows (with a version bump in the same transaction when
+//!   the row is new), and deleted only if no filter row exists and nobody
+//!   re-registered it meanwhile (`stamp`, conditioned delete). A release
+//!   never bumps the version: a fan-out that still queries a released
+//!   filter finds no rows.
+//! * a fan-out reading the registry while a filter registers: it reads the
+//!   version first and the rows after (see [`crate::lookup`]); a row
+//!   committed with a bump it has seen is in its read of the rows.
+//! * a fan-out using cached rows while connections subscribe, unsubscribe or
+//!   go: a subscribe is acked only once no cached read predates it; an
+//!   unsubscribed or closed connection may still be posted a message for up
+//!   to the cache's age (a post to a closed connection is answered 410 and
+//!   costs nothing else).
+//! * `auth` vs. the fan-out: see Token lifetime below.
+//! * a delivery part retried by Lambda: an invocation that gives up after
+//!   posting writes what it still owes (`sent#` row) before failing; its
+//!   retry reads it and posts only that (see [`crate::fanout`]).
 //!
 //! Token lifetime: the connection row holds the token's end (`exp`, seconds
 //! since the epoch; absent with auth off), and each of its filter rows a copy,
@@ -33,8 +64,9 @@
 //! "still valid": when it says expired, the fan-out reads the connection row
 //! (one consistent read, once per connection that ends) before closing it.
 //!
-//! Every row carries a TTL (API Gateway closes a connection after 2 hours);
-//! TTL deletion is lazy, so reads ignore rows past their TTL.
+//! Every row carries a TTL (API Gateway closes a connection after 2 hours;
+//! a progress row lives an hour); TTL deletion is lazy, so reads ignore rows
+//! past their TTL.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -43,7 +75,7 @@ use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, TransactWriteItem, WriteRequest};
 use aws_sdk_dynamodb::Client;
 use bridge::auth::Credentials;
-use bridge::channel::has_wildcards;
+use bridge::channel;
 use bridge::permissions::Permissions;
 
 const PK: &str = "pk";
@@ -56,6 +88,10 @@ const REGISTRY_PK: &str = "wildcards";
 const VERSION_SK: &str = "version";
 /// DynamoDB's batch write limit.
 const BATCH: usize = 25;
+/// The connections a progress row still owes.
+const LEFT: &str = "left";
+/// What a progress row may hold of connection ids (an item holds 400 KB).
+const MAX_PROGRESS_BYTES: usize = 350_000;
 
 /// A store request failed.
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +425,7 @@ impl Store {
             if let Some(mqtt) = get_s(item, "mqtt") {
                 held += 1;
                 deletes.push(self.key(filter_pk(mqtt), id.to_string()));
-                if has_wildcards(mqtt) {
+                if registered(mqtt) {
                     wildcards.push(mqtt.to_string());
                 }
             }
@@ -498,7 +534,7 @@ impl Store {
         ];
         let reasons = match self.transact(items).await? {
             None => {
-                if has_wildcards(mqtt) {
+                if registered(mqtt) {
                     if let Err(e) = self.register_wildcard(mqtt, now, registry_ttl_secs).await {
                         let _ = self.unsubscribe(id, channel, mqtt, now).await;
                         return Err(e);
@@ -592,7 +628,7 @@ impl Store {
         ];
         // Cancelled means not held (any more) or the connection is gone.
         self.transact(items).await?;
-        if has_wildcards(mqtt) {
+        if registered(mqtt) {
             self.release_wildcard(mqtt, now).await?;
         }
         Ok(())
@@ -704,29 +740,24 @@ impl Store {
         }
     }
 
-    /// The registry's version (0 before the first wildcard subscribe).
+    /// The registry's version (0 before the first registration), read
+    /// consistently.
     pub async fn registry_version(&self) -> Result<i64> {
         let version = self.get(REGISTRY_PK.into(), VERSION_SK.into()).await?;
         Ok(version.as_ref().and_then(|i| get_n(i, "v")).unwrap_or(0))
     }
 
-    /// The registry: its version and the live wildcard filters.
-    pub async fn wildcards(&self, now: i64) -> Result<(i64, Vec<String>)> {
+    /// The live registered filters, read consistently. Read it only after
+    /// reading [`Self::registry_version`]: a row and the version bump that
+    /// announced it commit together, so this read sees every row the version
+    /// read announced (see the module doc).
+    pub async fn registered_filters(&self, now: i64) -> Result<Vec<String>> {
         let items = self.query_all(REGISTRY_PK.into(), None).await?;
-        let mut version = 0;
-        let mut filters = Vec::new();
-        for item in &items {
-            match get_s(item, SK) {
-                Some(VERSION_SK) => version = get_n(item, "v").unwrap_or(0),
-                Some(sk) if live(item, now) => {
-                    if let Some(f) = sk.strip_prefix("f#") {
-                        filters.push(f.to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok((version, filters))
+        Ok(items
+            .iter()
+            .filter(|item| live(item, now))
+            .filter_map(|item| get_s(item, SK)?.strip_prefix("f#").map(str::to_string))
+            .collect())
     }
 
     /// The live connections holding broker filter `mqtt`.
@@ -745,6 +776,112 @@ impl Store {
             })
             .collect())
     }
+
+    // ---- delivery progress ----
+
+    /// Records the connections a part of a message's delivery still owes
+    /// (`left`), when an invocation gives up after posting some: its retry
+    /// reads them back ([`Self::progress`]) instead of posting to everyone
+    /// again. An empty `left` records a part that finished.
+    pub async fn save_progress(
+        &self,
+        message: &str,
+        part: &str,
+        left: &[String],
+        expires: i64,
+    ) -> Result<()> {
+        let bytes: usize = left.iter().map(|id| id.len() + 3).sum();
+        if bytes > MAX_PROGRESS_BYTES {
+            return Err(StoreError::msg(
+                "PutItem",
+                format!(
+                    "{} connections left ({bytes} bytes) do not fit one progress row",
+                    left.len()
+                ),
+            ));
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item(PK, s(progress_pk(message)))
+            .item(SK, s(part))
+            .item(
+                LEFT,
+                AttributeValue::L(left.iter().map(|id| s(id.clone())).collect()),
+            )
+            .item(TTL, n(expires))
+            .send()
+            .await
+            .map_err(|e| StoreError::new("PutItem", e))?;
+        Ok(())
+    }
+
+    /// What an earlier attempt of this part recorded as still owed, if it
+    /// recorded anything. An eventually consistent read: Lambda retries a
+    /// failed invocation a minute later at the earliest.
+    pub async fn progress(
+        &self,
+        message: &str,
+        part: &str,
+        now: i64,
+    ) -> Result<Option<Vec<String>>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(progress_pk(message), part.to_string())))
+            .send()
+            .await
+            .map_err(|e| StoreError::new("GetItem", e))?;
+        let Some(item) = out.item.filter(|i| live(i, now)) else {
+            return Ok(None);
+        };
+        let left = item
+            .get(LEFT)
+            .and_then(|v| v.as_l().ok())
+            .map(|l| l.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
+            .unwrap_or_default();
+        Ok(Some(left))
+    }
+}
+
+/// Whether the fan-out finds a filter's rows through the wildcard registry:
+/// a filter with a `+` level. A topic is looked up as itself, and a
+/// literal-prefix filter (`a/b/#`, `#`) as an ancestor of the topics it
+/// matches ([`lookup_keys`]): neither is ever registered, so a per-user
+/// `users/{sub}/#` never touches the registry.
+pub fn registered(mqtt: &str) -> bool {
+    mqtt.split('/').any(|level| level == "+")
+}
+
+/// The broker filters whose rows name the connections a message on `topic`
+/// goes to: the topic itself, its literal-prefix ancestors (`#`, `a/#`,
+/// `a/b/#` for `a/b`, as far as a filter may go), and the registered filters
+/// (`registry`) that match it. Which filter matches is the core's rule
+/// ([`bridge::channel::matches`]), so `#` is no ancestor of a `$` topic.
+pub fn lookup_keys(topic: &str, registry: &[String]) -> Vec<String> {
+    let mut keys = vec![topic.to_string()];
+    let levels: Vec<&str> = topic.split('/').collect();
+    for depth in 0..=levels.len() {
+        let ancestor = match depth {
+            0 => "#".to_string(),
+            _ => format!("{}/#", levels[..depth].join("/")),
+        };
+        if channel::validate_filter(&ancestor).is_ok() && channel::matches(&ancestor, topic) {
+            keys.push(ancestor);
+        }
+    }
+    keys.extend(
+        registry
+            .iter()
+            .filter(|f| channel::matches(f, topic))
+            .cloned(),
+    );
+    keys
+}
+
+pub fn progress_pk(message: &str) -> String {
+    format!("sent#{message}")
 }
 
 /// Seconds since the epoch as DynamoDB numbers hold them here.
@@ -766,6 +903,52 @@ mod tests {
     fn keys() {
         assert_eq!(filter_pk("a/#"), "filter#a/#");
         assert_eq!(conn_pk("X="), "conn#X=");
+        assert_eq!(progress_pk("u-1"), "sent#u-1");
+    }
+
+    #[test]
+    fn only_filters_with_a_plus_level_are_registered() {
+        for f in ["a/+", "+", "+/b/#", "a/+/c"] {
+            assert!(registered(f), "{f}");
+        }
+        for f in ["a", "a/b", "#", "a/#", "users/alice/#", "a+b/c#"] {
+            assert!(!registered(f), "{f}");
+        }
+    }
+
+    #[test]
+    fn a_topic_is_looked_up_as_itself_its_ancestors_and_matching_registered_filters() {
+        let registry = vec!["a/+".to_string(), "+/b/c".to_string(), "x/+".to_string()];
+        assert_eq!(
+            lookup_keys("a/b/c", &registry),
+            ["a/b/c", "#", "a/#", "a/b/#", "a/b/c/#", "+/b/c"]
+        );
+        assert_eq!(
+            lookup_keys("a/b", &registry),
+            ["a/b", "#", "a/#", "a/b/#", "a/+"]
+        );
+        // `#` and `+` never match a `$` topic's first level.
+        assert_eq!(
+            lookup_keys("$aws/x", &["+/x".to_string()]),
+            ["$aws/x", "$aws/#", "$aws/x/#"]
+        );
+        // Empty levels are levels.
+        assert_eq!(
+            lookup_keys("a//b", &[]),
+            ["a//b", "#", "a/#", "a//#", "a//b/#"]
+        );
+        assert_eq!(lookup_keys("/a", &[]), ["/a", "#", "/#", "/a/#"]);
+        // No ancestor deeper than a filter may be.
+        let deep = "1/2/3/4/5/6/7/8";
+        let keys = lookup_keys(deep, &[]);
+        assert_eq!(keys.len(), 1 + 8, "{keys:?}");
+        assert!(!keys.contains(&format!("{deep}/#")));
+        // Every key matches the topic by the core's rule.
+        for topic in ["a/b/c", "a/b", "$aws/x", "a//b", deep] {
+            for key in lookup_keys(topic, &registry) {
+                assert!(channel::matches(&key, topic), "{key} {topic}");
+            }
+        }
     }
 
     #[test]

@@ -206,9 +206,10 @@ async fn two_browsers_a_device_and_a_gone_connection() {
         posted,
         vec![("A".to_string(), frame.clone()), ("B".to_string(), frame)]
     );
-    // Only the wildcard filters that match were looked up: fleet/+/telemetry,
-    // +/d1/telemetry, fleet/# and the topic itself.
-    assert_eq!(report["filters"], 4);
+    // Looked up: the topic itself, its literal-prefix ancestors (#, fleet/#,
+    // fleet/d1/#, fleet/d1/telemetry/#) and the registered `+` filters that
+    // match it (fleet/+/telemetry, +/d1/telemetry).
+    assert_eq!(report["filters"], 7);
     d.standin.clear();
     d.device("fleet/d2/status", b"up").await;
     assert_eq!(
@@ -253,7 +254,7 @@ async fn two_browsers_a_device_and_a_gone_connection() {
     assert_eq!(d.standin.posted()[0].0, "A");
 
     // Metrics: one EMF line per fan-out invocation.
-    let metrics = d.fanout.metrics();
+    let metrics = d.fanout.metrics_after(4).await;
     assert_eq!(metrics.len(), 4);
     let gone_line = &metrics[2];
     assert_eq!(
@@ -295,10 +296,15 @@ async fn two_browsers_a_device_and_a_gone_connection() {
             && d.fanout.exited().is_none()
             && d.authorizer.exited().is_none()
     );
+    // Still serving: a new connection is answered.
+    assert_eq!(d.connect("C", Some(&alice)).await, 200);
     assert_eq!(
-        d.send("A", r#"{"action":"ping"}"#).await,
+        d.send("C", r#"{"action":"ping"}"#).await,
         Some(json!({"type":"pong"}))
     );
+    // The disconnected one is told so, with a clear error.
+    let gone = d.send("A", r#"{"action":"ping"}"#).await.unwrap();
+    assert_eq!(gone["code"], "unavailable", "{gone}");
 }
 
 #[test]

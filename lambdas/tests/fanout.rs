@@ -64,8 +64,10 @@ async fn one_copy_per_connection_whatever_overlaps() {
         ),
         (3, 3, 0, 0)
     );
-    // The topic itself plus the wildcard filters that match it: no scan, no enumeration.
-    assert_eq!(report.filters, 1 + 4);
+    // The topic itself, its literal-prefix ancestors (#, fleet/#, fleet/d1/#,
+    // fleet/d1/t/#) and the registered `+` filters that match it (fleet/+/t,
+    // +/d1/t, +/+/+): no scan, no enumeration.
+    assert_eq!(report.filters, 1 + 4 + 3);
 
     kit.standin.clear();
     let report = f
@@ -101,53 +103,232 @@ async fn one_copy_per_connection_whatever_overlaps() {
 }
 
 #[tokio::test]
-async fn the_registry_cache_never_misses_an_acked_filter() {
+async fn only_plus_filters_are_registered_and_each_is_seen_once_acked() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
     let f = kit.fanout(&[]);
     subscribe(&h, "a", &["x/+"]).await;
     f.handle(rule_event("x/1", b"1")).await.unwrap();
     assert_eq!(kit.standin.posted().len(), 1);
-    // A new wildcard filter, acked: the very next message reaches it.
-    subscribe(&h, "b", &["#"]).await;
+    // A literal-prefix filter is found as an ancestor of the topic: never
+    // registered, so a per-user filter leaves the registry alone.
+    subscribe(&h, "b", &["#", "users/b/#"]).await;
+    let registry: Vec<String> = kit
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("wildcards|"))
+        .collect();
+    assert_eq!(registry, ["wildcards|f#x/+", "wildcards|version"]);
     kit.standin.clear();
     f.handle(rule_event("x/2", b"2")).await.unwrap();
     assert_eq!(
         per_connection(&kit.standin.posted()),
         BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
     );
-    // Unchanged registry: one GetItem for its version and one Query per filter.
+    kit.standin.clear();
+    f.handle(rule_event("users/b/inbox", b"3")).await.unwrap();
+    assert_eq!(
+        per_connection(&kit.standin.posted()),
+        BTreeMap::from([("b".into(), 1)])
+    );
+    // Without a cache: the registry's version, then one Query per filter.
     let before = kit.calls.snapshot();
     let report = f.handle(rule_event("x/3", b"3")).await.unwrap();
     let after = kit.calls.snapshot();
     let delta = |op: &str| {
-        after
-            .get(&("DynamoDB".into(), op.into()))
-            .copied()
-            .unwrap_or(0)
-            - before
-                .get(&("DynamoDB".into(), op.into()))
-                .copied()
-                .unwrap_or(0)
+        let n = |m: &BTreeMap<(String, String), u64>| {
+            m.get(&("DynamoDB".into(), op.into())).copied().unwrap_or(0)
+        };
+        n(&after) - n(&before)
     };
     assert_eq!(delta("GetItem"), 1);
-    assert_eq!(delta("Query"), 3, "x/3, x/+ and #");
-    assert_eq!(report.dynamodb_requests, 4);
+    assert_eq!(delta("Query"), 5, "x/3, #, x/#, x/3/# and x/+");
+    assert_eq!(report.dynamodb_requests, 6);
     // Unsubscribed everywhere, released and re-added: seen again.
     send(&h, "b", r##"{"action":"unsubscribe","channel":"#"}"##).await;
+    send(&h, "a", r#"{"action":"unsubscribe","channel":"x/+"}"#).await;
     kit.standin.clear();
     f.handle(rule_event("x/4", b"4")).await.unwrap();
-    assert_eq!(
-        per_connection(&kit.standin.posted()),
-        BTreeMap::from([("a".into(), 1)])
-    );
-    send(&h, "b", r##"{"action":"subscribe","channel":"#"}"##).await;
+    assert!(kit.standin.posted().is_empty());
+    send(&h, "a", r#"{"action":"subscribe","channel":"x/+"}"#).await;
     kit.standin.clear();
     f.handle(rule_event("x/5", b"5")).await.unwrap();
     assert_eq!(
         per_connection(&kit.standin.posted()),
-        BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+        BTreeMap::from([("a".into(), 1)])
     );
+}
+
+/// A fan-out whose lookup cache ages by `clock`.
+fn fanout_on(kit: &Kit, cache_ms: &str, clock: lambdas::clock::Clock) -> lambdas::fanout::Fanout {
+    let config =
+        lambdas::config::FanoutConfig::from_env(&kit.env(&[("BRIDGE_LOOKUP_CACHE_MS", cache_ms)]))
+            .unwrap();
+    lambdas::fanout::Fanout::with_clock(
+        config,
+        kit.store(&kit.calls),
+        kit.sender(&kit.calls),
+        kit.calls.clone(),
+        clock,
+    )
+}
+
+#[tokio::test]
+async fn the_fanout_reuses_its_reads_for_at_most_the_cache_age() {
+    let kit = Kit::new().await;
+    // A handler without the wait: it writes the rows and acks at once.
+    let h = kit.handler(&[]);
+    let clock = lambdas::clock::Clock::manual(1_000_000);
+    let f = fanout_on(&kit, "1000", clock.clone());
+    subscribe(&h, "a", &["room", "x/+"]).await;
+    f.handle(rule_event("room", b"1")).await.unwrap();
+    assert_eq!(per_connection(&kit.standin.posted()).len(), 1);
+    // New rows while the fan-out's reads are younger than its cache age:
+    // it does not see them (which is why ws-handler's ack waits)...
+    subscribe(&h, "b", &["room", "y/+"]).await;
+    for step in [0, 999] {
+        clock.advance(std::time::Duration::from_millis(step));
+        kit.standin.clear();
+        f.handle(rule_event("room", b"2")).await.unwrap();
+        f.handle(rule_event("y/1", b"2")).await.unwrap();
+        assert_eq!(
+            per_connection(&kit.standin.posted()),
+            BTreeMap::from([("a".into(), 1)]),
+            "{step} ms"
+        );
+    }
+    // ...and sees them once its reads are that old.
+    clock.advance(std::time::Duration::from_millis(1));
+    kit.standin.clear();
+    f.handle(rule_event("room", b"3")).await.unwrap();
+    f.handle(rule_event("y/1", b"3")).await.unwrap();
+    assert_eq!(
+        per_connection(&kit.standin.posted()),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 2)])
+    );
+    // Within the cache age, messages cost no DynamoDB request at all.
+    let before = kit.calls.total("DynamoDB");
+    for _ in 0..20 {
+        f.handle(rule_event("room", b"4")).await.unwrap();
+    }
+    assert_eq!(kit.calls.total("DynamoDB"), before);
+}
+
+#[tokio::test]
+async fn an_acked_subscription_is_never_missed_by_a_caching_fanout() {
+    let kit = Kit::new().await;
+    let cache = [("BRIDGE_LOOKUP_CACHE_MS", "300")];
+    let h = kit.handler(&cache);
+    let f = kit.fanout(&cache);
+    subscribe(&h, "a", &["room"]).await;
+    f.handle(rule_event("room", b"1")).await.unwrap();
+    f.handle(rule_event("z/1", b"1")).await.unwrap();
+    // The fan-out now holds reads of `room`, the registry and z/1's filters.
+    // Whatever the filter, a message sent once the ack is in reaches it.
+    for (conn, channel, topic) in [
+        ("b", "room", "room"),
+        ("c", "z/+", "z/1"),
+        ("d", "z/#", "z/1"),
+    ] {
+        connect(&h, conn, &Permissions::allow_all()).await;
+        let started = std::time::Instant::now();
+        let reply = send(
+            &h,
+            conn,
+            &format!(r#"{{"action":"subscribe","channel":"{channel}","id":1}}"#),
+        )
+        .await;
+        assert_eq!(reply, Some(json!({"type":"ack","id":1})));
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(350),
+            "the ack waited for the cache: {:?}",
+            started.elapsed()
+        );
+        kit.standin.clear();
+        f.handle(rule_event(topic, b"2")).await.unwrap();
+        assert!(
+            per_connection(&kit.standin.posted()).contains_key(conn),
+            "{conn} missed {topic}"
+        );
+    }
+    // A refused subscribe, or one without an id, does not wait.
+    let started = std::time::Instant::now();
+    send(&h, "b", r#"{"action":"subscribe","channel":"q"}"#).await;
+    let reply = send(
+        &h,
+        "b",
+        r#"{"action":"subscribe","channel":"a/#/b","id":2}"#,
+    )
+    .await;
+    assert_eq!(reply.unwrap()["code"], "invalid_channel");
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn each_partition_is_read_at_most_once_per_cache_age_per_environment() {
+    use support::capacity::Recorder;
+    let kit = Kit::new().await;
+    let h = kit.handler(&[]);
+    subscribe(&h, "a", &["fleet/+/t", "fleet/#"]).await;
+    subscribe(&h, "b", &["fleet/d1/t"]).await;
+    let clock = lambdas::clock::Clock::manual(1_000_000);
+    let recorder = Recorder::new(clock.clone());
+    let config =
+        lambdas::config::FanoutConfig::from_env(&kit.env(&[("BRIDGE_LOOKUP_CACHE_MS", "1000")]))
+            .unwrap();
+    let f = lambdas::fanout::Fanout::with_clock(
+        config,
+        kit.recorded_store(&recorder),
+        kit.sender(&kit.calls),
+        kit.calls.clone(),
+        clock.clone(),
+    );
+    // Two simulated seconds of 100 messages a second over 10 topics.
+    for i in 0..200 {
+        f.handle(rule_event(&format!("fleet/d{}/t", i % 10), b"1"))
+            .await
+            .unwrap();
+        clock.advance(std::time::Duration::from_millis(10));
+    }
+    let per_partition = recorder.per_partition();
+    for (pk, n) in per_partition.iter().filter(|(pk, _)| *pk != "wildcards") {
+        assert!(*n <= 2, "{pk} read {n} times in 2 s: {per_partition:?}");
+    }
+    for pk in [
+        "filter##",
+        "filter#fleet/#",
+        "filter#fleet/+/t",
+        "filter#fleet/d1/t",
+    ] {
+        assert_eq!(per_partition[pk], 2, "{pk}");
+    }
+    // The registry: its version checked once a second, its rows read once.
+    assert_eq!(per_partition["wildcards"], 3);
+    assert_eq!(recorder.hottest_per_second(), Some(("wildcards".into(), 2)));
+    // Each read is billed: an empty partition is still one read unit.
+    let (read, write) = recorder.units();
+    assert_eq!(write, 0.0);
+    assert_eq!(read, recorder.billed().len() as f64);
+}
+
+#[test]
+fn the_recorder_bills_as_dynamodb_does() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use support::capacity::{item_size, read_units, write_units};
+    let item = std::collections::HashMap::from([
+        ("pk".to_string(), AttributeValue::S("filter#a/b".into())),
+        ("sk".to_string(), AttributeValue::S("conn-1".into())),
+        ("ttl".to_string(), AttributeValue::N("1700000000".into())),
+    ]);
+    // "pk" + 10, "sk" + 6, "ttl" + (10 digits / 2 + 1)
+    assert_eq!(item_size(&item), 12 + 8 + 9);
+    assert_eq!(read_units(0, true), 1.0);
+    assert_eq!(read_units(4096, true), 1.0);
+    assert_eq!(read_units(4097, true), 2.0);
+    assert_eq!(read_units(4097, false), 1.0);
+    assert_eq!(write_units(1024), 1.0);
+    assert_eq!(write_units(1025), 2.0);
 }
 
 #[tokio::test]
@@ -296,7 +477,8 @@ async fn expired_rows_are_ignored() {
         .unwrap();
     let f = kit.fanout(&[]);
     let report = f.handle(rule_event("e/1", b"1")).await.unwrap();
-    assert_eq!((report.filters, report.recipients), (1, 0), "{report:?}");
+    // e/1, #, e/# and e/1/#: the expired registration of e/+ is not used.
+    assert_eq!((report.filters, report.recipients), (4, 0), "{report:?}");
     // And the handler does not count them as held.
     let h = kit.handler(&[]);
     subscribe(&h, "live", &["e/+"]).await;

@@ -8,8 +8,12 @@
 //!   `ListRetainedMessages`): it records what the real SDK clients sent and
 //!   answers 410 or 429 on demand;
 //! * [`RuntimeApi`] / [`LambdaProcess`]: the Lambda Runtime API, so the built
-//!   `lambda_runtime` binaries run their real loop end to end.
+//!   `lambda_runtime` binaries run their real loop end to end;
+//! * [`capacity`]: a DynamoDB request recorder that bills each request as
+//!   DynamoDB would, per partition key.
 #![allow(dead_code)]
+
+pub mod capacity;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -848,6 +852,20 @@ impl LambdaProcess {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// The EMF lines it wrote, once there are at least `n` (its stdout is
+    /// read by another thread, which may lag the invocation's answer; at
+    /// most 10 s).
+    pub async fn metrics_after(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = self.metrics();
+            if metrics.len() >= n || Instant::now() > deadline {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The EMF lines it wrote, parsed.
     pub fn metrics(&self) -> Vec<Value> {
         self.stdout()
@@ -1027,6 +1045,9 @@ impl Kit {
             ("TABLE_NAME", self.table.as_str()),
             ("WEBSOCKET_ENDPOINT", endpoint.as_str()),
             ("BRIDGE_JWT_SECRET", KIT_SECRET),
+            // No lookup cache, so no subscribe waits for one (tests of the
+            // cache set it, for both functions alike).
+            ("BRIDGE_LOOKUP_CACHE_MS", "0"),
         ];
         vars.extend_from_slice(extra);
         env_lookup(&vars)
@@ -1034,6 +1055,16 @@ impl Kit {
 
     pub fn store(&self, calls: &lambdas::calls::Calls) -> lambdas::store::Store {
         lambdas::store::Store::new(lambdas::aws::dynamodb(&self.ddb_sdk, calls), &self.table)
+    }
+
+    /// The store, each of its requests billed in `recorder` (and counted in
+    /// the kit's calls).
+    pub fn recorded_store(&self, recorder: &capacity::Recorder) -> lambdas::store::Store {
+        let conf = aws_sdk_dynamodb::config::Builder::from(&self.ddb_sdk)
+            .interceptor(self.calls.interceptor())
+            .interceptor(recorder.interceptor())
+            .build();
+        lambdas::store::Store::new(aws_sdk_dynamodb::Client::from_conf(conf), &self.table)
     }
 
     pub fn sender(&self, calls: &lambdas::calls::Calls) -> lambdas::sender::Sender {
