@@ -39,7 +39,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::budget::Budget;
 use crate::config::HandlerConfig;
-use crate::iot::{Iot, IotError};
+use crate::iot::{Iot, IotError, RetainedLimits};
 use crate::keys::{InitError, Keys};
 use crate::sender::{self, Outcome, Sender};
 use crate::store::{Connection, Store, StoreError, Subscribed};
@@ -291,15 +291,18 @@ impl Handler {
         }
     }
 
-    /// Posts the retained messages `mqtt` matches, marked `retained`.
+    /// Posts the retained messages `mqtt` matches, marked `retained`,
+    /// within the replay's bounds ([`RetainedLimits`]); what the bounds
+    /// leave out, the client is told with one `lagged` frame after them (its
+    /// `dropped` counts the messages left out, and 1 for the rest of a
+    /// listing cut short).
     async fn replay_retained(&self, id: &str, mqtt: &str) -> Result<(), IotError> {
-        let messages = self
-            .iot
-            .retained_matching(mqtt, self.config.max_retained)
-            .await?;
+        let limits = RetainedLimits::with_messages(self.config.max_retained);
+        let budget = Budget::unlimited().at_most(limits.time);
+        let found = self.iot.retained_matching(mqtt, &limits, &budget).await?;
         let policy = &self.config.policy;
         let max = policy.limits.max_payload_bytes;
-        let frames = messages.into_iter().filter_map(|(topic, payload)| {
+        let frames = found.messages.into_iter().filter_map(|(topic, payload)| {
             let channel = match session::deliverable(&policy.prefix, max, &topic, payload.len()) {
                 Ok(channel) => channel,
                 Err(reason) => {
@@ -314,7 +317,6 @@ impl Handler {
             }
             Some(Bytes::from(message))
         });
-        let budget = Budget::unlimited();
         let outcomes: Vec<Outcome> = stream::iter(frames)
             .map(|f| self.sender.post(id, f, &budget))
             .buffer_unordered(RETAINED_POSTS)
@@ -330,6 +332,12 @@ impl Handler {
                 failed,
                 "some retained messages were not posted"
             );
+        }
+        let not_started = outcomes.iter().filter(|o| **o == Outcome::Later).count();
+        let dropped = found.skipped + not_started + usize::from(found.listing_cut);
+        if dropped > 0 {
+            let lagged = Bytes::from(frame::lagged(dropped as u64));
+            self.sender.post(id, lagged, &Budget::unlimited()).await;
         }
         Ok(())
     }

@@ -573,6 +573,111 @@ async fn retained_messages_over_the_limits_are_skipped_not_truncated() {
     assert!(kit.standin.posted().is_empty());
 }
 
+/// Subscribes a new connection to `channel` with `retained: true`: the reply.
+async fn replay(h: &lambdas::handler::Handler, conn: &str, channel: &str) -> Value {
+    connect(h, conn, &Permissions::allow_all()).await;
+    let frame = format!(r#"{{"action":"subscribe","channel":"{channel}","retained":true,"id":1}}"#);
+    send(h, conn, &frame).await.expect("a reply")
+}
+
+#[tokio::test]
+async fn retained_replay_is_bounded_in_count_bytes_and_pages_and_says_what_it_left_out() {
+    let kit = Kit::new().await;
+    let posted_to = |conn: &str| -> Vec<Value> {
+        kit.standin
+            .posted()
+            .into_iter()
+            .filter(|(c, _)| c == conn)
+            .map(|(_, f)| f)
+            .collect()
+    };
+    // Count: at most BRIDGE_MAX_RETAINED, the first in topic order, then
+    // `lagged` for the rest, then the ack.
+    for i in 0..5 {
+        kit.standin
+            .set_retained(&format!("count/{i}"), format!("{i}").as_bytes());
+    }
+    let h = kit.handler(&[("BRIDGE_MAX_RETAINED", "3")]);
+    let reply = replay(&h, "c1", "count/+").await;
+    assert_eq!(reply, json!({"type":"ack","id":1}));
+    let posts = posted_to("c1");
+    assert_eq!(posts.len(), 4, "{posts:?}");
+    let mut channels: Vec<&str> = posts[..3]
+        .iter()
+        .map(|f| f["channel"].as_str().unwrap())
+        .collect();
+    channels.sort();
+    assert_eq!(channels, ["count/0", "count/1", "count/2"]);
+    assert_eq!(posts[3], json!({"type":"lagged","dropped":2}));
+
+    // Bytes: at most 1 MiB of payloads.
+    let big = "x".repeat(100_000);
+    for i in 0..12 {
+        kit.standin
+            .set_retained(&format!("bytes/{i:02}"), big.as_bytes());
+    }
+    let h = kit.handler(&[]);
+    let reply = replay(&h, "c2", "bytes/#").await;
+    assert_eq!(reply, json!({"type":"ack","id":1}));
+    let posts = posted_to("c2");
+    assert_eq!(posts.len(), 11, "10 messages of 100 KB, then lagged");
+    assert_eq!(posts[10], json!({"type":"lagged","dropped":2}));
+
+    // Pages: a filter that matches nothing in the first 25 pages (5,000
+    // topics) of the account's list gets no replay, one `lagged`, the ack.
+    for i in 0..5_200 {
+        kit.standin.set_retained(&format!("a/{i:05}"), b"1");
+    }
+    kit.standin.set_retained("zz/1", b"late");
+    kit.standin.clear();
+    let reply = replay(&h, "c3", "zz/+").await;
+    assert_eq!(reply, json!({"type":"ack","id":1}));
+    assert_eq!(posted_to("c3"), [json!({"type":"lagged","dropped":1})]);
+    let listed = kit
+        .standin
+        .records()
+        .iter()
+        .filter(|r| r.raw_path == "/retainedMessage")
+        .count();
+    assert_eq!(listed, 25);
+    // The subscription itself holds: the next live message reaches it.
+    assert!(kit.keys().await.contains(&"filter#zz/+|c3".to_string()));
+}
+
+#[tokio::test]
+async fn retained_listing_stops_at_the_time_bound() {
+    let kit = Kit::new().await;
+    for i in 0..1_000 {
+        kit.standin.set_retained(&format!("t/{i:04}"), b"1");
+    }
+    kit.standin
+        .set_retained_delay(std::time::Duration::from_millis(100));
+    let sdk = sdk(&kit.standin.url);
+    let iot = lambdas::iot::Iot::new(lambdas::aws::iot_data(&sdk, &kit.calls));
+    let mut limits = lambdas::iot::RetainedLimits::with_messages(10_000);
+    limits.time = std::time::Duration::from_millis(250);
+    let budget = lambdas::budget::Budget::unlimited().at_most(limits.time);
+    let found = iot
+        .retained_matching("t/+", &limits, &budget)
+        .await
+        .unwrap();
+    assert!(found.listing_cut);
+    assert!(found.messages.is_empty(), "no fetch starts after the bound");
+    let listed = kit
+        .standin
+        .records()
+        .iter()
+        .filter(|r| r.raw_path == "/retainedMessage")
+        .count();
+    // Pages take 100 ms each: two or three start within 250 ms, never all five.
+    assert!((2..=3).contains(&listed), "{listed} pages listed");
+    assert_eq!(
+        found.skipped,
+        200 * listed,
+        "the topics listed but not fetched"
+    );
+}
+
 #[tokio::test]
 async fn ping_needs_no_state() {
     // With auth off; with auth on, the token's end in the authorizer context

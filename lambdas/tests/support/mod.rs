@@ -406,6 +406,7 @@ struct StandInState {
     gone: Mutex<HashSet<String>>,
     throttle: Mutex<HashMap<String, u32>>,
     delay: Mutex<Duration>,
+    retained_delay: Mutex<Duration>,
     retained: Mutex<BTreeMap<String, Vec<u8>>>,
     publish_status: Mutex<VecDeque<u16>>,
 }
@@ -486,6 +487,11 @@ impl StandIn {
     /// Every post is answered after this delay.
     pub fn set_delay(&self, delay: Duration) {
         *self.state.delay.lock().unwrap() = delay;
+    }
+
+    /// Every retained-message read (list or get) is answered after this delay.
+    pub fn set_retained_delay(&self, delay: Duration) {
+        *self.state.retained_delay.lock().unwrap() = delay;
     }
 
     /// The next IoT Data Plane requests (publish, retained reads) answer these statuses.
@@ -585,6 +591,10 @@ async fn standin(
         return ok_json(json!({}));
     }
     if method == Method::GET && raw_path.starts_with("/retainedMessage") {
+        let delay = *state.retained_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if let Some(status) = state.publish_status.lock().unwrap().pop_front() {
             return error(
                 StatusCode::from_u16(status).unwrap(),
