@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
+use tungstenite::Utf8Bytes;
 
 use crate::channel::{self, Prefix};
 use crate::frame;

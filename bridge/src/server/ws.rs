@@ -20,13 +20,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::{self, Credentials};
 use crate::frame::{self, ErrorCode, FrameError};
@@ -36,15 +37,14 @@ use crate::server::hub::{Conn, Outbound};
 use crate::server::metrics::DropReason;
 use crate::server::mqtt::LinkError;
 use crate::server::origin;
-use crate::server::socket::{Broken, Socket};
+use crate::server::socket::{Broken, ReadError, Socket};
 use crate::server::App;
 use crate::session::{self, Undeliverable};
 
-/// tungstenite's read buffer per connection (its default, 128 KiB, would be
-/// most of an idle connection's memory). Larger frames grow it as needed.
-const READ_BUFFER: usize = 2 * 1024;
-/// Frames are batched up to this size before a write.
-const WRITE_BUFFER: usize = 8 * 1024;
+mod handshake;
+
+use self::handshake::Handshake;
+
 /// Publishes one connection may have waiting for the broker at once.
 const MAX_PIPELINED: usize = 64;
 /// Frames written per wake-up before the reader gets a turn...
@@ -71,7 +71,7 @@ impl Drop for Slot {
 /// `GET /ws`: checks the origin, the connection cap and the token, then
 /// upgrades.
 pub async fn upgrade(
-    mut ws: WebSocketUpgrade,
+    handshake: Handshake,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     State(app): State<Arc<App>>,
@@ -122,21 +122,20 @@ pub async fn upgrade(
     }
     // A browser that offers subprotocols fails the handshake unless one is
     // selected: take the first, as the AWS deployment does.
-    let first = ws.requested_protocols().next().cloned();
-    if let Some(first) = first {
-        ws.set_selected_protocol(first);
-    }
-    let hard = app.hard_frame_bytes;
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * hard)
-        .max_message_size(hard)
-        .max_frame_size(hard)
-        .on_upgrade(move |socket| {
-            let tracker = app.tracker.clone();
-            let socket = Socket::new(socket, app.write_timeout);
-            tracker.track_future(connection(socket, app, credentials, slot))
-        })
+    let protocol = handshake.offered_protocols().next().cloned();
+    let (response, upgraded) = handshake.accept(protocol);
+    let tracker = app.tracker.clone();
+    tokio::spawn(tracker.track_future(async move {
+        match upgraded.await {
+            Ok(io) => {
+                let (hard, write_timeout) = (app.hard_frame_bytes, app.write_timeout);
+                let socket = Socket::new(TokioIo::new(io), hard, write_timeout).await;
+                connection(socket, app, credentials, slot).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    }));
+    response
 }
 
 /// Everything one connection task keeps.
@@ -277,14 +276,15 @@ async fn connection(mut socket: Socket, app: Arc<App>, credentials: Credentials,
     tracing::debug!(conn = id, "disconnected");
 }
 
-/// A read error: over the hard cap is closed with 1009, anything else means
-/// the peer is gone or broke the WebSocket protocol.
-fn closing_for(e: axum::Error) -> Closing {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Closing::Close(1009, "message too big"),
-        Some(tungstenite::Error::Protocol(_)) => Closing::Close(1002, "protocol error"),
-        _ => Closing::Gone,
+/// A read error: over the hard cap is closed with 1009, a protocol error with
+/// 1002; a failed write is a broken write; anything else means the peer is
+/// gone.
+fn closing_for(e: ReadError) -> Closing {
+    match e {
+        ReadError::Ws(tungstenite::Error::Capacity(_)) => Closing::Close(1009, "message too big"),
+        ReadError::Ws(tungstenite::Error::Protocol(_)) => Closing::Close(1002, "protocol error"),
+        ReadError::Ws(_) => Closing::Gone,
+        ReadError::Broken(b) => b.into(),
     }
 }
 
