@@ -344,34 +344,11 @@ fn needed(calls: &Calls) -> BTreeSet<Permission> {
     calls.kinds().iter().flat_map(iam_permissions).collect()
 }
 
-/// Grants made ahead of the code, for calls it is about to make (issue 8:
-/// both functions close a connection whose token expired, with
-/// `DeleteConnection`). Once the test below drives that path, the call is
-/// observed and its entry must go, so that removing the grant fails a test.
-const AHEAD_OF_CODE: &[(&str, &str, &str)] = &[
-    ("HandlerFunction", "execute-api:ManageConnections", "DELETE"),
-    ("FanoutFunction", "execute-api:ManageConnections", "DELETE"),
-];
-
-fn ahead_of_code(function: &str) -> BTreeSet<Permission> {
-    AHEAD_OF_CODE
-        .iter()
-        .filter(|(f, _, _)| *f == function)
-        .map(|(_, action, method)| Permission {
-            action: action.to_string(),
-            resource: Resource::Connection {
-                method: method.to_string(),
-            },
-        })
-        .collect()
-}
-
 /// Compares a role's grants with the permissions its function's calls need:
 /// every need covered, every grant needed (logs and the dead-letter queue
 /// aside: the runtime uses those, not the code).
 fn check_grants(t: &Y, function: &str, needed: &BTreeSet<Permission>) {
     let granted = granted(t, function);
-    let ahead = ahead_of_code(function);
     for p in needed {
         assert!(
             granted
@@ -381,10 +358,6 @@ fn check_grants(t: &Y, function: &str, needed: &BTreeSet<Permission>) {
             p.action,
             p.resource
         );
-        assert!(
-            !ahead.contains(p),
-            "{function} now makes the call behind {p:?}: remove it from AHEAD_OF_CODE"
-        );
     }
     for (action, r) in &granted {
         if action.starts_with("logs:") || action.starts_with("sqs:") {
@@ -393,7 +366,6 @@ fn check_grants(t: &Y, function: &str, needed: &BTreeSet<Permission>) {
         assert!(
             needed
                 .iter()
-                .chain(&ahead)
                 .any(|p| &p.action == action && covers(r, &p.resource)),
             "{function} is granted {action} on {r:?}, which no call it makes needs"
         );
@@ -429,6 +401,33 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
         assert!(r.is_none(), "{frame}: {r:?}");
     }
     send(&h, "b", r#"{"action":"subscribe","channel":"t/+"}"#).await;
+    // A connection whose token ended: the handler closes it on its next frame
+    // (DeleteConnection)...
+    let now = now_secs();
+    let mut ended = context_for(&Permissions::allow_all());
+    ended["expires"] = serde_json::json!((now - 1).to_string());
+    let r = handle(&h, ws_event("$connect", "ended", None, Some(ended.clone()))).await;
+    assert_eq!(r.status_code, 200);
+    let r = handle(
+        &h,
+        ws_event("$default", "ended", Some(r#"{"action":"ping"}"#), Some(ended)),
+    )
+    .await;
+    assert!(body(&r).is_none());
+    // ...and so does the fan-out when it finds one among a topic's subscribers.
+    let setup = kit.store(&Calls::new());
+    let expired = bridge::auth::Credentials {
+        perms: Permissions::allow_all(),
+        expires_at: Some(now as u64 - 1),
+    };
+    setup
+        .put_connection("stale", &expired, now * 1000, now + 600)
+        .await
+        .unwrap();
+    setup
+        .subscribe("stale", "t/1", "t/1", now + 600, Some(now - 1), 10, now, 600)
+        .await
+        .unwrap();
     // The subscription limit under concurrency takes the store's read path.
     let frames: Vec<String> = (0..3)
         .map(|i| format!(r#"{{"action":"subscribe","channel":"v/{i}"}}"#))
@@ -437,7 +436,7 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
     // Every path of the fan-out: registry, lookups, posts, a gone connection.
     kit.standin.set_gone("b");
     let report = f.handle(rule_event("t/1", b"m")).await.unwrap();
-    assert_eq!((report.delivered, report.gone), (1, 1));
+    assert_eq!((report.delivered, report.gone, report.expired), (1, 1, 1));
     let r = handle(&h, ws_event("$disconnect", "a", None, None)).await;
     assert_eq!(r.status_code, 200);
 
