@@ -8,9 +8,14 @@
 //!   wait for the SUBACK, then poll PUBLISH packets. The same client over
 //!   plain TCP serves as a reference (Mosquitto without WebSocket).
 //!
-//! Both hand each received payload to a [`Recorder`], which finds the send
-//! timestamp with a substring search (no JSON parse).
+//! Both (and [`crate::rawmqtt::RawMqttSub`]) are a [`Subscriber`]: they hand
+//! each received payload to a [`Recorder`], which finds the send timestamp
+//! with a substring search (no JSON parse), or hold the connection idle.
+//!
+//! [`connect_ws`] and [`subscribe`] are the two steps of a bridge client's
+//! setup, for clients that then behave otherwise (the abuse scenario's).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,66 +24,102 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode,
     Transport,
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::stats::Recorder;
 
+/// A connected subscriber, ready to run.
+pub trait Subscriber: Sized + Send + 'static {
+    /// Records every message until the connection ends (or the task is
+    /// aborted). No reconnect: a lost connection is a result.
+    fn receive(self, rec: Recorder) -> impl Future<Output = ()> + Send;
+    /// Holds the connection open (answering pings) until aborted.
+    fn idle(self) -> impl Future<Output = ()> + Send;
+}
+
+/// A bridge WebSocket as the bench's clients use it.
+pub type BridgeWs = WebSocketStream<TcpStream>;
+
+/// Opens `ws://ADDR/ws`. `read_buffer` is tungstenite's read buffer (small
+/// for idle connections, larger for fan-out); `recv_buffer`, when given, is
+/// the TCP receive buffer (a tiny one leaves a client that stops reading no
+/// room to hide the server's backlog in).
+pub async fn connect_ws(
+    addr: SocketAddr,
+    read_buffer: usize,
+    recv_buffer: Option<u32>,
+) -> Result<BridgeWs, String> {
+    let tcp = match recv_buffer {
+        None => TcpStream::connect(addr).await,
+        Some(bytes) => {
+            let socket = TcpSocket::new_v4().map_err(|e| format!("TCP socket: {e}"))?;
+            socket
+                .set_recv_buffer_size(bytes)
+                .map_err(|e| format!("TCP receive buffer: {e}"))?;
+            socket.connect(addr).await
+        }
+    }
+    .map_err(|e| format!("TCP connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(format!("ws://{addr}/ws"), tcp, Some(config))
+            .await
+            .map_err(|e| format!("WebSocket handshake with {addr}: {e}"))?;
+    Ok(ws)
+}
+
+/// Subscribes to `channel` (request id 1) and waits for the ack.
+pub async fn subscribe(ws: &mut BridgeWs, channel: &str) -> Result<(), String> {
+    let request = serde_json::json!({"action": "subscribe", "channel": channel, "id": 1});
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .map_err(|e| format!("sending subscribe: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let v: serde_json::Value = serde_json::from_str(text.as_str())
+                    .map_err(|e| format!("bad frame {text:?}: {e}"))?;
+                match v["type"].as_str() {
+                    Some("ack") if v["id"] == 1 => return Ok(()),
+                    Some("error") => return Err(format!("subscribe refused: {text}")),
+                    _ => {}
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("waiting for the ack: {e}")),
+            None => return Err("connection closed before the ack".into()),
+        }
+    }
+}
+
 /// A connected, subscribed bridge WebSocket client.
 pub struct BridgeSub {
-    ws: WebSocketStream<TcpStream>,
+    ws: BridgeWs,
 }
 
 impl BridgeSub {
-    /// Connects to `ws://ADDR/ws`, subscribes to `channel` and waits for the
-    /// ack. `read_buffer` is tungstenite's read buffer (small for idle
-    /// connections, larger for fan-out).
+    /// Connects to `ws://ADDR/ws` ([`connect_ws`]), subscribes to `channel`
+    /// and waits for the ack.
     pub async fn connect(
         addr: SocketAddr,
         channel: &str,
         read_buffer: usize,
     ) -> Result<BridgeSub, String> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("TCP connect to {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let config = WebSocketConfig::default()
-            .read_buffer_size(read_buffer)
-            .write_buffer_size(0)
-            .max_write_buffer_size(64 * 1024);
-        let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-            format!("ws://{addr}/ws"),
-            tcp,
-            Some(config),
-        )
-        .await
-        .map_err(|e| format!("WebSocket handshake with {addr}: {e}"))?;
-        let request = serde_json::json!({"action": "subscribe", "channel": channel, "id": 1});
-        ws.send(Message::Text(request.to_string().into()))
-            .await
-            .map_err(|e| format!("sending subscribe: {e}"))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let v: serde_json::Value = serde_json::from_str(text.as_str())
-                        .map_err(|e| format!("bad frame {text:?}: {e}"))?;
-                    match v["type"].as_str() {
-                        Some("ack") if v["id"] == 1 => return Ok(BridgeSub { ws }),
-                        Some("error") => return Err(format!("subscribe refused: {text}")),
-                        _ => {}
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("waiting for the ack: {e}")),
-                None => return Err("connection closed before the ack".into()),
-            }
-        }
+        let mut ws = connect_ws(addr, read_buffer, None).await?;
+        subscribe(&mut ws, channel).await?;
+        Ok(BridgeSub { ws })
     }
+}
 
-    /// Reads frames until the connection ends (or the task is aborted).
-    pub async fn receive(mut self, rec: Recorder) {
+impl Subscriber for BridgeSub {
+    async fn receive(mut self, rec: Recorder) {
         loop {
             match self.ws.next().await {
                 Some(Ok(Message::Text(text))) => rec.bridge_frame(text.as_bytes()),
@@ -99,8 +140,7 @@ impl BridgeSub {
         }
     }
 
-    /// Holds the connection open, answering pings, until aborted.
-    pub async fn idle(mut self) {
+    async fn idle(mut self) {
         while let Some(Ok(_)) = self.ws.next().await {}
     }
 }
@@ -168,10 +208,10 @@ impl MqttSub {
             }
         }
     }
+}
 
-    /// Polls until the connection fails (or the task is aborted). No
-    /// reconnect: a lost connection is a result.
-    pub async fn receive(mut self, rec: Recorder) {
+impl Subscriber for MqttSub {
+    async fn receive(mut self, rec: Recorder) {
         loop {
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => rec.message(&p.payload),
@@ -184,8 +224,7 @@ impl MqttSub {
         }
     }
 
-    /// Keeps the session alive (keep-alive pings) until aborted.
-    pub async fn idle(mut self) {
+    async fn idle(mut self) {
         while self.eventloop.poll().await.is_ok() {}
     }
 }

@@ -7,6 +7,7 @@
 //! process (SIGTERM, then SIGKILL after 5 s), so an error or Ctrl-C in the
 //! middle of a run leaves nothing behind.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -64,6 +65,39 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// The kernel's send queue of established IPv4 TCP connections on this host
+/// (/proc/net/tcp): over those whose local port is `local` and remote port
+/// one of `remotes` (each counted once), how many there are and the bytes
+/// they hold not yet acknowledged by the peer (`tx_queue`). Memory the
+/// kernel holds for a process, not counted in its RSS.
+pub fn tcp_send_queues(local: u16, remotes: &HashSet<u16>) -> (usize, u64) {
+    const ESTABLISHED: &str = "01";
+    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |addr: &str| {
+        let hex = addr.rsplit(':').next()?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    let mut seen = HashSet::new();
+    let mut bytes = 0;
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, l, r, state, queues, ..] = fields[..] else {
+            continue;
+        };
+        if state != ESTABLISHED || port(l) != Some(local) {
+            continue;
+        }
+        let Some(r) = port(r).filter(|p| remotes.contains(p)) else {
+            continue;
+        };
+        if seen.insert(r) {
+            let tx = queues.split(':').next().unwrap_or("0");
+            bytes += u64::from_str_radix(tx, 16).unwrap_or(0);
+        }
+    }
+    (seen.len(), bytes)
+}
+
 /// A free TCP port on 127.0.0.1 (never 1883, which the system broker uses).
 pub fn free_port() -> Result<u16, String> {
     for _ in 0..10 {
@@ -87,10 +121,25 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// User + system CPU seconds of a process (`None` for this process: "self").
 pub fn cpu_secs(pid: Option<u32>) -> f64 {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
+    match pid {
+        Some(pid) => stat_cpu_secs(&format!("/proc/{pid}/stat")),
+        None => stat_cpu_secs("/proc/self/stat"),
+    }
+}
+
+/// The calling thread's kernel id (for [`thread_cpu_secs`]).
+pub fn thread_id() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// User + system CPU seconds of one of this process's threads.
+pub fn thread_cpu_secs(tid: u32) -> f64 {
+    stat_cpu_secs(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// User + system CPU seconds from a `stat` file of /proc.
+fn stat_cpu_secs(path: &str) -> f64 {
     let Ok(text) = fs::read_to_string(path) else {
         return 0.0;
     };
@@ -125,8 +174,16 @@ impl Proc {
         status_kib(self.pid(), "VmRSS").unwrap_or(0)
     }
 
+    /// Peak resident memory (since the start, or the last [`Proc::reset_peak`]).
     pub fn hwm_kib(&self) -> u64 {
         status_kib(self.pid(), "VmHWM").unwrap_or(0)
+    }
+
+    /// Starts measuring the peak resident memory afresh (VmHWM := VmRSS),
+    /// so a phase's peak is its own.
+    pub fn reset_peak(&self) -> Result<(), String> {
+        let path = format!("/proc/{}/clear_refs", self.pid());
+        fs::write(&path, "5").map_err(|e| format!("cannot reset the peak RSS ({path}): {e}"))
     }
 
     pub fn cpu_secs(&self) -> f64 {
@@ -211,12 +268,13 @@ pub enum BrokerMode {
     External(u16),
 }
 
-/// Starts `bridge serve` and waits for its "listening" line. The caller has
-/// checked `bin` with [`check_executable`].
+/// Starts `bridge serve` with `args` beyond its listener and broker, and
+/// waits for its "listening" line. The caller has checked `bin` with
+/// [`check_executable`].
 pub fn start_bridge(
     bin: &Path,
     broker: &BrokerMode,
-    outbound_queue: usize,
+    args: &[String],
     log_filter: &str,
     dir: &Path,
     tag: &str,
@@ -226,9 +284,8 @@ pub fn start_bridge(
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .args(["--listen", "127.0.0.1:0"])
-        .args(["--outbound-queue", &outbound_queue.to_string()])
-        .args(["--publish-rate", "0"])
-        .args(["--mqtt-client-id", &format!("bench-bridge-{tag}")]);
+        .args(["--mqtt-client-id", &format!("bench-bridge-{tag}")])
+        .args(args);
     match broker {
         BrokerMode::Embedded(port) => {
             cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::clients::Subscriber;
 use crate::stats::Recorder;
 
 enum Conn {
@@ -142,10 +143,10 @@ impl RawMqttSub {
             self.read_more().await?;
         }
     }
+}
 
-    /// Receives PUBLISH packets until the connection ends (or the task is
-    /// aborted).
-    pub async fn receive(mut self, rec: Recorder) {
+impl Subscriber for RawMqttSub {
+    async fn receive(mut self, rec: Recorder) {
         let mut acks = Vec::new();
         loop {
             if let Err(e) = self.read_more().await {
@@ -174,8 +175,7 @@ impl RawMqttSub {
         }
     }
 
-    /// Holds the connection open until aborted.
-    pub async fn idle(mut self) {
+    async fn idle(mut self) {
         while self.read_more().await.is_ok() {
             self.buf.clear();
         }
