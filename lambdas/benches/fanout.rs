@@ -8,29 +8,42 @@
 //! 1. Size and init time: each binary's size on disk, and the time from
 //!    process start to its first `/next` request under a local Lambda Runtime
 //!    API (median of 5), against the budget (8 MB, 15 ms).
-//! 2. Fan-out: 5,000 connections subscribed to one channel (rows in moto's
-//!    DynamoDB, in the store's format); the `@connections` stand-in answers
-//!    each post after 20 ms; one device message through the `iot-fanout`
-//!    binary. Reported: the invocation's duration (as the Runtime API sees
-//!    it, and as the function's EMF line says), posts, and the DynamoDB
-//!    requests it made (from its EMF line, counted by the SDK interceptor).
+//! 2. Fan-out: 500, 5,000 and 20,000 connections subscribed to a channel
+//!    (the rows the fan-out reads, in the store's format, in moto's
+//!    DynamoDB); the `@connections` stand-in answers each post after 20 ms;
+//!    one device message through a pool of `iot-fanout` processes that runs
+//!    asynchronous invocations as Lambda does (each part in an idle process,
+//!    [`support::pool`]). Reported per message, as the median of 3: wall
+//!    time (from handing the rule's event in to the last part's end), CPU
+//!    per post (all processes), invocations, the root's lookup time, and the
+//!    cost per million device messages by the README's formula. Run with
+//!    `BRIDGE_FANOUT_PART_SIZE` at its default (500) and at 0 (one
+//!    invocation posts everything: what the fan-out did before it split).
+//!    The lookup cache is off, so every message reads its channel's rows.
 //!
 //! Needs moto's server: `pip install 'moto[server]'`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use serde_json::Value;
+use support::pool::FunctionPool;
 use support::*;
 
-const SUBSCRIBERS: usize = 5_000;
+const SIZES: [usize; 3] = [500, 5_000, 20_000];
 const POST_DELAY: Duration = Duration::from_millis(20);
-const CHANNEL: &str = "fleet/d1/telemetry";
+const RUNS: usize = 3;
+/// Processes in the pool: a 20,000-recipient message needs 40.
+const POOL: usize = 44;
 /// What a deployed binary may weigh, and take to start.
 const MAX_BYTES: u64 = 8_000_000;
 const MAX_INIT: Duration = Duration::from_millis(15);
+/// `FanoutMemorySize`'s default, for the cost.
+const MEMORY_GB: f64 = 1.0;
 
 fn bin(name: &str) -> &'static str {
     match name {
@@ -38,6 +51,30 @@ fn bin(name: &str) -> &'static str {
         "ws-authorizer" => env!("CARGO_BIN_EXE_ws-authorizer"),
         _ => env!("CARGO_BIN_EXE_iot-fanout"),
     }
+}
+
+fn channel(n: usize) -> String {
+    format!("bench/n{n}")
+}
+
+/// A connection id shaped like API Gateway's (16 characters, ending in `=`).
+fn connection(n: usize, i: usize) -> String {
+    format!("B{n:05}{i:09}=")
+}
+
+/// The README's formula, in dollars per million device messages: IoT Core
+/// (message, rule, action), Lambda requests and duration, DynamoDB reads,
+/// API Gateway messages out.
+fn cost_per_million(invocations: f64, duration_ms: f64, read_units: f64, recipients: f64) -> f64 {
+    1.30 + 0.20 * invocations
+        + 0.000_013_333_4 * MEMORY_GB * duration_ms / 1000.0 * 1e6
+        + 0.125 * read_units
+        + 1.00 * recipients
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 #[tokio::main]
@@ -92,41 +129,27 @@ async fn main() {
         );
     }
 
-    // 5,000 subscribers of one channel, written as the store writes them.
+    // The subscribers of each channel: their filter rows, as the store
+    // writes them (the fan-out reads nothing else of a connection).
+    let seeding = Instant::now();
     let expires = (now_secs() + 7800).to_string();
     let mut requests: Vec<WriteRequest> = Vec::new();
-    for i in 0..SUBSCRIBERS {
-        let id = format!("conn-{i:05}");
-        let rows = [
-            (lambdas::store::conn_pk(&id), "meta".to_string()),
-            (lambdas::store::conn_pk(&id), format!("sub#{CHANNEL}")),
-            (lambdas::store::filter_pk(CHANNEL), id.clone()),
-        ];
-        for (pk, sk) in rows {
-            let mut put = PutRequest::builder()
-                .item("pk", AttributeValue::S(pk))
-                .item("sk", AttributeValue::S(sk.clone()))
-                .item("ttl", AttributeValue::N(expires.clone()));
-            if sk == "meta" {
-                put = put
-                    .item(
-                        "perms",
-                        AttributeValue::S(
-                            r#"{"subject":null,"subscribe":"all","publish":"all"}"#.into(),
-                        ),
-                    )
-                    .item("n", AttributeValue::N("1".into()));
-            } else if sk.starts_with("sub#") {
-                put = put.item("mqtt", AttributeValue::S(CHANNEL.into()));
-            }
-            requests.push(
-                WriteRequest::builder()
-                    .put_request(put.build().unwrap())
-                    .build(),
-            );
+    let mut row_bytes = 0;
+    for n in SIZES {
+        for i in 0..n {
+            let item = HashMap::from([
+                (
+                    "pk".to_string(),
+                    AttributeValue::S(lambdas::store::filter_pk(&channel(n))),
+                ),
+                ("sk".to_string(), AttributeValue::S(connection(n, i))),
+                ("ttl".to_string(), AttributeValue::N(expires.clone())),
+            ]);
+            row_bytes = support::capacity::item_size(&item);
+            let put = PutRequest::builder().set_item(Some(item)).build().unwrap();
+            requests.push(WriteRequest::builder().put_request(put).build());
         }
     }
-    let seeding = Instant::now();
     for chunk in requests.chunks(25) {
         ddb.batch_write_item()
             .request_items(&table, chunk.to_vec())
@@ -135,48 +158,94 @@ async fn main() {
             .expect("seed");
     }
     println!(
-        "\nseeded {SUBSCRIBERS} subscribers ({} rows) in {:.1} s",
+        "\nseeded {} subscriber rows ({row_bytes} bytes each) in {:.0} s",
         requests.len(),
         seeding.elapsed().as_secs_f64()
     );
 
     standin.set_delay(POST_DELAY);
-    for concurrency in [128usize, 512] {
+    println!(
+        "\nfan-out: one device message, each post answered after {} ms, 128 posts in flight per invocation, \
+         a pool of {POOL} iot-fanout processes on this machine's {} cores; median of {RUNS}:",
+        POST_DELAY.as_millis(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  {:>11} {:>9} {:>10} {:>11} {:>12} {:>10} {:>14}",
+        "subscribers",
+        "part size",
+        "wall (ms)",
+        "CPU / post",
+        "invocations",
+        "lookup ms",
+        "$ / M messages"
+    );
+    for part_size in ["500", "0"] {
         let mut env = env.clone();
-        env.push(("BRIDGE_FANOUT_CONCURRENCY".into(), concurrency.to_string()));
-        let fanout = LambdaProcess::start(bin("iot-fanout"), "iot-fanout", &env).await;
-        println!(
-            "\nfan-out: {SUBSCRIBERS} subscribers on one channel, each post answered after {} ms, BRIDGE_FANOUT_CONCURRENCY={concurrency}",
-            POST_DELAY.as_millis()
-        );
-        for run in 1..=3 {
-            standin.clear();
-            let cpu_before = fanout.cpu_time();
-            let started = Instant::now();
-            let report = fanout
-                .invoke(rule_event(CHANNEL, br#"{"temp":21.5}"#))
-                .await
-                .expect("the fan-out succeeds");
-            let wall = started.elapsed();
-            let cpu = fanout.cpu_time() - cpu_before;
-            let posts = standin.posts().len();
-            let emf = fanout.metrics().last().cloned().unwrap_or_default();
+        env.push(("BRIDGE_FANOUT_PART_SIZE".into(), part_size.into()));
+        env.push(("BRIDGE_LOOKUP_CACHE_MS".into(), "0".into()));
+        let pool = FunctionPool::start(bin("iot-fanout"), "iot-fanout", &env, POOL).await;
+        standin.forward_invocations(pool.inbox());
+        for n in SIZES {
+            let (mut walls, mut cpus, mut invocations, mut lookups, mut costs) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for run in 0..RUNS {
+                standin.clear();
+                let cpu_before = pool.cpu_time();
+                let id = format!("00000000-0000-4000-8000-{n:06}{run:06}");
+                let done = pool
+                    .run(
+                        rule_event_with_id(&channel(n), br#"{"temp":21.5}"#, &id),
+                        Duration::from_secs(300),
+                    )
+                    .await;
+                let cpu = pool.cpu_time() - cpu_before;
+                let reports: Vec<Value> = done
+                    .answers
+                    .iter()
+                    .map(|a| a.clone().expect("every invocation succeeds"))
+                    .collect();
+                let delivered: u64 = reports
+                    .iter()
+                    .map(|r| r["delivered"].as_u64().unwrap())
+                    .sum();
+                let posts = standin.posts().len();
+                assert_eq!(delivered, n as u64, "every subscriber once: {reports:?}");
+                assert_eq!(posts, n, "no post lost, none twice");
+                let root = reports
+                    .iter()
+                    .find(|r| r["part"] == "0")
+                    .expect("the root's report");
+                let duration_ms: f64 = reports
+                    .iter()
+                    .map(|r| r["duration_ms"].as_f64().unwrap())
+                    .sum();
+                let parts = reports.len() as f64;
+                // Lookup reads (cache off): the registry's version, the
+                // channel's rows, its 3 ancestors (empty); one progress row
+                // per invocation (eventually consistent).
+                let read_units = 1.0 + ((n * row_bytes).div_ceil(4096)) as f64 + 3.0 + 0.5 * parts;
+                walls.push(done.wall.as_secs_f64() * 1000.0);
+                cpus.push(cpu.as_secs_f64() * 1000.0 / n as f64);
+                invocations.push(parts);
+                lookups.push(root["lookup_ms"].as_f64().unwrap_or(0.0));
+                costs.push(cost_per_million(parts, duration_ms, read_units, n as f64));
+            }
             println!(
-                "  run {run}: invocation {:.0} ms (EMF Duration {} ms, CPU {:.0} ms), delivered {} of {posts} posts, DynamoDB requests {}",
-                ms(wall),
-                emf["Duration"],
-                ms(cpu),
-                report["delivered"],
-                emf["DynamoDbRequests"]
+                "  {n:>11} {part_size:>9} {:>10.0} {:>8.3} ms {:>12.0} {:>10.0} {:>14.0}",
+                median(walls),
+                median(cpus),
+                median(invocations),
+                median(lookups),
+                median(costs)
             );
-            assert_eq!(report["delivered"].as_u64(), Some(SUBSCRIBERS as u64));
         }
-        let ideal = POST_DELAY * (SUBSCRIBERS as u32).div_ceil(concurrency as u32);
-        println!(
-            "  (lower bound with {concurrency} posts in flight: {} ms)",
-            ideal.as_millis()
-        );
     }
+    println!(
+        "\n(lower bound for one invocation, 128 in flight: {} ms per 5,000 posts; \
+         API Gateway's account throttle, 10,000 posts/s: 500 ms per 5,000)",
+        POST_DELAY.as_millis() * 5_000_u128.div_ceil(128)
+    );
 }
 
 fn ms(d: Duration) -> f64 {

@@ -110,6 +110,12 @@ impl Calls {
         Self::default()
     }
 
+    /// Records a request sent outside an SDK client (see [`crate::signed`]),
+    /// as the interceptor records an SDK client's.
+    pub fn record_request(&self, service: &str, operation: &str, request: &HttpRequest) {
+        self.record(Call::of_request(service, operation, request));
+    }
+
     fn record(&self, call: Call) {
         if let Ok(mut counts) = self.counts.lock() {
             *counts.entry(call).or_insert(0) += 1;

@@ -80,6 +80,8 @@ fn prefix(env: Lookup) -> Result<Prefix, ConfigError> {
 pub const MAX_POST_BYTES: usize = 128 * 1024;
 /// API Gateway closes a connection after 2 hours; rows live this much longer.
 pub const DEFAULT_CONNECTION_TTL_SECS: i64 = 2 * 3600 + 10 * 60;
+/// Recipients per fan-out invocation before it splits (see [`crate::parts`]).
+pub const DEFAULT_PART_SIZE: usize = 500;
 /// How long a fan-out environment may reuse a DynamoDB read (see
 /// [`crate::lookup`]) unless `BRIDGE_LOOKUP_CACHE_MS` says otherwise.
 pub const DEFAULT_LOOKUP_CACHE_MS: u64 = 1000;
@@ -216,6 +218,12 @@ pub struct FanoutConfig {
     pub concurrency: usize,
     /// How long a read may be reused (see [`crate::lookup`]).
     pub lookup_max_age: std::time::Duration,
+    /// Most recipients one invocation posts to before handing chunks to
+    /// parallel invocations (0: never split). See [`crate::parts`].
+    pub part_size: usize,
+    /// This function's name, to invoke itself with (Lambda sets
+    /// `AWS_LAMBDA_FUNCTION_NAME`); none outside Lambda.
+    pub function_name: Option<String>,
 }
 
 impl FanoutConfig {
@@ -240,6 +248,8 @@ impl FanoutConfig {
             )?,
             concurrency: number(env, "BRIDGE_FANOUT_CONCURRENCY", 128, 1)?,
             lookup_max_age: lookup_max_age(env)?,
+            part_size: number(env, "BRIDGE_FANOUT_PART_SIZE", DEFAULT_PART_SIZE, 0)?,
+            function_name: get(env, "AWS_LAMBDA_FUNCTION_NAME"),
         })
     }
 }

@@ -42,6 +42,7 @@ use crate::config::HandlerConfig;
 use crate::iot::{Iot, IotError, RetainedLimits};
 use crate::keys::{InitError, Keys};
 use crate::sender::{self, Outcome, Sender};
+use crate::signed;
 use crate::store::{Connection, Store, StoreError, Subscribed};
 
 /// Retained messages posted at once for one subscribe.
@@ -315,10 +316,11 @@ impl Handler {
                 tracing::warn!(connection = id, topic, %reason, "retained message not delivered");
                 return None;
             }
-            Some(Bytes::from(message))
+            Some(signed::Body::new(Bytes::from(message)))
         });
+        let budget = &budget;
         let outcomes: Vec<Outcome> = stream::iter(frames)
-            .map(|f| self.sender.post(id, f, &budget))
+            .map(|f| async move { self.sender.post(id, &f, budget).await })
             .buffer_unordered(RETAINED_POSTS)
             .collect()
             .await;
@@ -336,8 +338,8 @@ impl Handler {
         let not_started = outcomes.iter().filter(|o| **o == Outcome::Later).count();
         let dropped = found.skipped + not_started + usize::from(found.listing_cut);
         if dropped > 0 {
-            let lagged = Bytes::from(frame::lagged(dropped as u64));
-            self.sender.post(id, lagged, &Budget::unlimited()).await;
+            let lagged = signed::Body::new(Bytes::from(frame::lagged(dropped as u64)));
+            self.sender.post(id, &lagged, &Budget::unlimited()).await;
         }
         Ok(())
     }

@@ -5,13 +5,15 @@
 //!   `$disconnect`, `$default`);
 //! * [`authorizer`]: `ws-authorizer`, the REQUEST authorizer of `$connect`;
 //! * [`fanout`]: `iot-fanout`, the IoT rule's target that pushes one MQTT
-//!   message to every subscribed connection.
+//!   message to every subscribed connection, in [`parts`] handed to
+//!   parallel invocations of itself ([`invoke`]) when there are many.
 //!
 //! What a frame means is decided by the core ([`bridge::session`],
 //! [`bridge::frame`], [`bridge::channel`]); these modules only move bytes and
 //! store state: [`store`] (DynamoDB), [`lookup`] (the fan-out's cached
 //! reads of it, aged by [`clock`]), [`iot`] (IoT Data Plane), [`sender`]
-//! (`@connections`, within an invocation's [`budget`]), [`keys`] (the token
+//! (`@connections`, within an invocation's [`budget`], its requests signed
+//! by [`signed`]), [`keys`] (the token
 //! keys the authorizer and the handler share). [`config`] reads the
 //! environment once, [`aws`] builds the SDK clients once per process,
 //! [`calls`] counts the requests they make and [`emf`] reports counts as
@@ -26,10 +28,13 @@ pub mod config;
 pub mod emf;
 pub mod fanout;
 pub mod handler;
+pub mod invoke;
 pub mod iot;
 pub mod keys;
 pub mod lookup;
+pub mod parts;
 pub mod sender;
+pub mod signed;
 pub mod store;
 
 /// Seconds since the Unix epoch, the unit of DynamoDB TTL attributes.

@@ -1,32 +1,32 @@
 //! Delivery to browsers: API Gateway's `@connections` `PostToConnection`,
 //! and `DeleteConnection` to close one (a token that expired).
 //!
-//! A frame is built once and shared by every post (reference-counted bytes,
-//! handed to the SDK without a copy). Posts run concurrently, at most a given
-//! number at once, and only while the invocation's [`Budget`] lets work
-//! start. Each one ends on its own ([`Outcome`]): delivered; gone (`410`: the
-//! caller deletes the connection's rows); failed (logged); or *later*: not
-//! started, or not retried, before the budget ran out, or still throttled
-//! (`429`) after its tries: the caller hands it on to another invocation
-//! instead of losing it.
-//! Throttled posts and transient failures (5xx, timeouts, a dropped
-//! connection) are retried with jittered exponential backoff. A transient
-//! failure may hide a delivered post, so its retry may deliver a second copy:
-//! `message` frames carry the message's id for the client to drop it.
-//! Every `429` answer is counted ([`Sender::throttled`]).
+//! A frame is built once and shared by every post: its bytes and its SHA-256
+//! (which every signature covers) are computed once ([`Body`]), and each
+//! post is a signed request straight to the HTTP connector
+//! ([`crate::signed`]). Posts run concurrently, at most a given number at
+//! once, and only while the invocation's [`Budget`] lets work start. Each
+//! one ends on its own ([`Outcome`]): delivered; gone (`410`: the caller
+//! deletes the connection's rows); failed (logged); or *later*: not started,
+//! or not retried, before the budget ran out, or still throttled (`429`)
+//! after its tries: the caller hands it on to another invocation instead of
+//! losing it. Throttled posts and transient failures (5xx, no answer within
+//! [`crate::aws::POST_ATTEMPT_TIMEOUT`], a dropped connection) are retried
+//! with jittered exponential backoff. A transient failure may hide a
+//! delivered post, so its retry may deliver a second copy: `message` frames
+//! carry the message's id for the client to drop it. Every `429` answer is
+//! counted ([`Sender::throttled`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_apigatewaymanagement::error::{DisplayErrorContext, SdkError};
-use aws_sdk_apigatewaymanagement::primitives::Blob;
-use aws_sdk_apigatewaymanagement::Client;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 
 use crate::budget::Budget;
 use crate::config::MAX_POST_BYTES;
+use crate::signed::{encode_segment, Answer, Body, SendError, Signer};
 
 /// Tries for one post (throttled or failed transiently).
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -54,51 +54,49 @@ pub enum Outcome {
     Later,
 }
 
-/// What an attempt's error means.
+/// What one attempt's answer means.
 enum Attempt {
+    Delivered,
     Gone,
     Throttled,
     Transient(String),
     Failed(String),
 }
 
-fn classify<E: std::error::Error + 'static>(
-    err: &SdkError<E, aws_sdk_apigatewaymanagement::config::http::HttpResponse>,
-    gone: bool,
-    throttled: bool,
-) -> Attempt {
-    let status = err.raw_response().map(|r| r.status().as_u16());
-    if gone || status == Some(410) {
-        return Attempt::Gone;
-    }
-    if throttled || status == Some(429) {
-        return Attempt::Throttled;
-    }
-    let reason = DisplayErrorContext(err).to_string();
-    let transient = match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
+fn classify(result: Result<Answer, SendError>) -> Attempt {
+    match result {
+        Ok(Answer {
+            status: 200..=299, ..
+        }) => Attempt::Delivered,
+        Ok(Answer { status: 410, .. }) => Attempt::Gone,
+        Ok(Answer { status: 429, .. }) => Attempt::Throttled,
+        Ok(Answer { status, error }) if status >= 500 => {
+            Attempt::Transient(error.unwrap_or_default())
         }
-        _ => status.is_some_and(|s| s >= 500),
-    };
-    if transient {
-        Attempt::Transient(reason)
-    } else {
-        Attempt::Failed(reason)
+        Ok(Answer { error, .. }) => Attempt::Failed(error.unwrap_or_default()),
+        Err(e @ (SendError::Timeout(_) | SendError::Dispatch(_))) => {
+            Attempt::Transient(e.to_string())
+        }
+        Err(e @ SendError::Invalid(_)) => Attempt::Failed(e.to_string()),
     }
 }
 
-/// The `@connections` client.
+/// The stage's `@connections` API.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: Client,
+    signer: Signer,
+    /// `https://{api}.execute-api.{region}.amazonaws.com/{stage}`.
+    endpoint: String,
     throttled: Arc<AtomicU64>,
 }
 
 impl Sender {
-    pub fn new(client: Client) -> Self {
+    /// Posts through `signer` (signing for `execute-api`) to the stage at
+    /// `endpoint`.
+    pub fn new(signer: Signer, endpoint: &str) -> Self {
         Sender {
-            client,
+            signer,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
             throttled: Arc::default(),
         }
     }
@@ -108,8 +106,14 @@ impl Sender {
         self.throttled.load(Ordering::Relaxed)
     }
 
-    /// Posts one frame to one connection, starting attempts only within `budget`.
-    pub async fn post(&self, id: &str, frame: Bytes, budget: &Budget) -> Outcome {
+    fn url(&self, id: &str) -> String {
+        format!("{}/@connections/{}", self.endpoint, encode_segment(id))
+    }
+
+    /// Posts one frame (see [`Body`]) to one connection, starting attempts
+    /// only within `budget`.
+    pub async fn post(&self, id: &str, frame: &Body, budget: &Budget) -> Outcome {
+        let url = self.url(id);
         let mut attempt = 0;
         loop {
             if !budget.may_start() {
@@ -117,40 +121,29 @@ impl Sender {
             }
             attempt += 1;
             let result = self
-                .client
-                .post_to_connection()
-                .connection_id(id)
-                .data(Blob::from_maybe_shared(frame.clone()))
-                .send()
+                .signer
+                .send("PostToConnection", "POST", &url, &[], frame)
                 .await;
-            let err = match result {
-                Ok(_) => return Outcome::Delivered,
-                Err(e) => e,
-            };
-            let service = err.as_service_error();
-            let verdict = classify(
-                &err,
-                service.is_some_and(|e| e.is_gone_exception()),
-                service.is_some_and(|e| e.is_limit_exceeded_exception()),
-            );
-            match &verdict {
+            let verdict = match classify(result) {
+                Attempt::Delivered => return Outcome::Delivered,
                 Attempt::Gone => return Outcome::Gone,
                 Attempt::Failed(reason) => {
                     tracing::warn!(connection = id, attempt, error = %reason, "post failed");
-                    return Outcome::Failed(reason.clone());
+                    return Outcome::Failed(reason);
                 }
                 Attempt::Throttled => {
                     self.throttled.fetch_add(1, Ordering::Relaxed);
+                    None
                 }
-                Attempt::Transient(_) => {}
-            }
+                Attempt::Transient(reason) => Some(reason),
+            };
             if attempt >= MAX_ATTEMPTS {
                 return match verdict {
-                    Attempt::Transient(reason) => {
+                    Some(reason) => {
                         tracing::warn!(connection = id, attempt, error = %reason, "post failed");
                         Outcome::Failed(reason)
                     }
-                    _ => Outcome::Later,
+                    None => Outcome::Later,
                 };
             }
             let wait = backoff(attempt);
@@ -164,24 +157,16 @@ impl Sender {
     /// Closes a connection (API Gateway then sends `$disconnect`). A
     /// connection already gone counts as closed.
     pub async fn close(&self, id: &str) -> Outcome {
-        match self
-            .client
-            .delete_connection()
-            .connection_id(id)
-            .send()
-            .await
-        {
-            Ok(_) => Outcome::Delivered,
-            Err(err) => {
-                let status = err.raw_response().map(|r| r.status().as_u16());
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_gone_exception())
-                    || status == Some(410)
-                {
-                    return Outcome::Gone;
-                }
-                let reason = DisplayErrorContext(&err).to_string();
+        let empty = Body::new(Bytes::new());
+        let result = self
+            .signer
+            .send("DeleteConnection", "DELETE", &self.url(id), &[], &empty)
+            .await;
+        match classify(result) {
+            Attempt::Delivered => Outcome::Delivered,
+            Attempt::Gone => Outcome::Gone,
+            Attempt::Throttled => Outcome::Failed("throttled".into()),
+            Attempt::Transient(reason) | Attempt::Failed(reason) => {
                 tracing::warn!(connection = id, error = %reason, "close failed");
                 Outcome::Failed(reason)
             }
@@ -191,7 +176,7 @@ impl Sender {
     /// Says `frame` (an error such as `token_expired`) and closes the
     /// connection.
     pub async fn say_and_close(&self, id: &str, frame: Bytes) -> Outcome {
-        match self.post(id, frame, &Budget::unlimited()).await {
+        match self.post(id, &Body::new(frame), &Budget::unlimited()).await {
             Outcome::Gone => Outcome::Gone,
             _ => self.close(id).await,
         }
@@ -206,13 +191,12 @@ impl Sender {
         concurrency: usize,
         budget: &Budget,
     ) -> Vec<(String, Outcome)> {
+        let frame = Body::new(frame);
+        let frame = &frame;
         stream::iter(ids)
-            .map(|id| {
-                let frame = frame.clone();
-                async move {
-                    let outcome = self.post(&id, frame, budget).await;
-                    (id, outcome)
-                }
+            .map(|id| async move {
+                let outcome = self.post(&id, frame, budget).await;
+                (id, outcome)
             })
             .buffer_unordered(concurrency.max(1))
             .collect()

@@ -201,7 +201,7 @@ async fn two_browsers_a_device_and_a_gone_connection() {
     assert_eq!(report["delivered"], 2, "{report}");
     let mut posted = d.standin.posted();
     posted.sort_by(|a, b| a.0.cmp(&b.0));
-    let frame = json!({"type":"message","channel":"fleet/d1/telemetry","data":{"temp":21.5}});
+    let frame = json!({"type":"message","channel":"fleet/d1/telemetry","data":{"temp":21.5},"mid":RULE_ID});
     assert_eq!(
         posted,
         vec![("A".to_string(), frame.clone()), ("B".to_string(), frame)]
@@ -216,7 +216,7 @@ async fn two_browsers_a_device_and_a_gone_connection() {
         d.standin.posted(),
         vec![(
             "B".to_string(),
-            json!({"type":"message","channel":"fleet/d2/status","data":"up","encoding":"text"})
+            json!({"type":"message","channel":"fleet/d2/status","data":"up","encoding":"text","mid":RULE_ID})
         )]
     );
 

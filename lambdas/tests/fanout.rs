@@ -52,7 +52,7 @@ async fn one_copy_per_connection_whatever_overlaps() {
     for (_, frame) in &posted {
         assert_eq!(
             frame,
-            &json!({"type":"message","channel":"fleet/d1/t","data":{"temp":21.5}})
+            &json!({"type":"message","channel":"fleet/d1/t","data":{"temp":21.5},"mid":RULE_ID})
         );
     }
     assert_eq!(
@@ -87,7 +87,7 @@ async fn one_copy_per_connection_whatever_overlaps() {
     for (_, frame) in &posted {
         assert_eq!(
             frame,
-            &json!({"type":"message","channel":"fleet/d2/t","data":"/wA=","encoding":"base64"})
+            &json!({"type":"message","channel":"fleet/d2/t","data":"/wA=","encoding":"base64","mid":RULE_ID})
         );
     }
     assert_eq!(report.delivered, 4);
@@ -132,7 +132,8 @@ async fn only_plus_filters_are_registered_and_each_is_seen_once_acked() {
         per_connection(&kit.standin.posted()),
         BTreeMap::from([("b".into(), 1)])
     );
-    // Without a cache: the registry's version, then one Query per filter.
+    // Without a cache: the registry's version and the message's progress
+    // row (what an earlier attempt left, if any), then one Query per filter.
     let before = kit.calls.snapshot();
     let report = f.handle(rule_event("x/3", b"3")).await.unwrap();
     let after = kit.calls.snapshot();
@@ -142,9 +143,9 @@ async fn only_plus_filters_are_registered_and_each_is_seen_once_acked() {
         };
         n(&after) - n(&before)
     };
-    assert_eq!(delta("GetItem"), 1);
+    assert_eq!(delta("GetItem"), 2);
     assert_eq!(delta("Query"), 5, "x/3, #, x/#, x/3/# and x/+");
-    assert_eq!(report.dynamodb_requests, 6);
+    assert_eq!(report.dynamodb_requests, 7);
     // Unsubscribed everywhere, released and re-added: seen again.
     send(&h, "b", r##"{"action":"unsubscribe","channel":"#"}"##).await;
     send(&h, "a", r#"{"action":"unsubscribe","channel":"x/+"}"#).await;
@@ -207,12 +208,20 @@ async fn the_fanout_reuses_its_reads_for_at_most_the_cache_age() {
         per_connection(&kit.standin.posted()),
         BTreeMap::from([("a".into(), 1), ("b".into(), 2)])
     );
-    // Within the cache age, messages cost no DynamoDB request at all.
-    let before = kit.calls.total("DynamoDB");
+    // Within the cache age, messages cost no lookup at all: each reads
+    // only its own progress row.
+    let before = kit.calls.snapshot();
     for _ in 0..20 {
         f.handle(rule_event("room", b"4")).await.unwrap();
     }
-    assert_eq!(kit.calls.total("DynamoDB"), before);
+    let after = kit.calls.snapshot();
+    let delta = |op: &str| {
+        let n = |m: &BTreeMap<(String, String), u64>| {
+            m.get(&("DynamoDB".into(), op.into())).copied().unwrap_or(0)
+        };
+        n(&after) - n(&before)
+    };
+    assert_eq!((delta("Query"), delta("GetItem")), (0, 20));
 }
 
 #[tokio::test]
@@ -286,14 +295,30 @@ async fn each_partition_is_read_at_most_once_per_cache_age_per_environment() {
     );
     // Two simulated seconds of 100 messages a second over 10 topics.
     for i in 0..200 {
-        f.handle(rule_event(&format!("fleet/d{}/t", i % 10), b"1"))
-            .await
-            .unwrap();
+        let id = format!("00000000-0000-4000-8000-{i:012}");
+        f.handle(rule_event_with_id(
+            &format!("fleet/d{}/t", i % 10),
+            b"1",
+            &id,
+        ))
+        .await
+        .unwrap();
         clock.advance(std::time::Duration::from_millis(10));
     }
     let per_partition = recorder.per_partition();
-    for (pk, n) in per_partition.iter().filter(|(pk, _)| *pk != "wildcards") {
-        assert!(*n <= 2, "{pk} read {n} times in 2 s: {per_partition:?}");
+    // Each message reads its own progress row, once.
+    let progress: Vec<usize> = per_partition
+        .iter()
+        .filter(|(pk, _)| pk.starts_with("sent#"))
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(progress, vec![1; 200]);
+    let lookups: BTreeMap<&String, &usize> = per_partition
+        .iter()
+        .filter(|(pk, _)| pk.starts_with("filter#"))
+        .collect();
+    for (pk, n) in &lookups {
+        assert!(**n <= 2, "{pk} read {n} times in 2 s: {lookups:?}");
     }
     for pk in [
         "filter##",
@@ -306,10 +331,11 @@ async fn each_partition_is_read_at_most_once_per_cache_age_per_environment() {
     // The registry: its version checked once a second, its rows read once.
     assert_eq!(per_partition["wildcards"], 3);
     assert_eq!(recorder.hottest_per_second(), Some(("wildcards".into(), 2)));
-    // Each read is billed: an empty partition is still one read unit.
+    // Each read is billed: an empty partition is still one read unit
+    // (strongly consistent), an absent progress row half of one.
     let (read, write) = recorder.units();
     assert_eq!(write, 0.0);
-    assert_eq!(read, recorder.billed().len() as f64);
+    assert_eq!(read, (recorder.billed().len() - 200) as f64 + 200.0 * 0.5);
 }
 
 #[test]
@@ -332,7 +358,7 @@ fn the_recorder_bills_as_dynamodb_does() {
 }
 
 #[tokio::test]
-async fn gone_connections_are_removed_throttled_posts_retried_failures_isolated() {
+async fn gone_connections_are_removed_throttled_posts_retried_and_handed_on() {
     let kit = Kit::new().await;
     let h = kit.handler(&[]);
     for c in ["ok1", "gone", "slow", "ok2"] {
@@ -342,12 +368,18 @@ async fn gone_connections_are_removed_throttled_posts_retried_failures_isolated(
     kit.standin.set_gone("gone");
     kit.standin.throttle("slow", 2);
     kit.standin.throttle("busy", 100);
-    let f = kit.fanout(&[]);
+    let f = kit
+        .fanout(&[])
+        .with_invoker(kit.invoker("iot-fanout", &kit.calls));
     let report = f.handle(rule_event("t/1", b"hello")).await.unwrap();
     assert_eq!(report.recipients, 5);
     assert_eq!(report.delivered, 3, "{report:?}");
     assert_eq!(report.gone, 1);
-    assert_eq!(report.failed, 1, "busy stays throttled past the retries");
+    assert_eq!(report.failed, 0);
+    assert_eq!(
+        report.handed_on, 1,
+        "busy stays throttled: handed on, not lost"
+    );
     let attempts = |c: &str| {
         kit.standin
             .posts()
@@ -357,13 +389,41 @@ async fn gone_connections_are_removed_throttled_posts_retried_failures_isolated(
     };
     assert_eq!(attempts("slow"), 3, "two 429s, then delivered");
     assert_eq!(attempts("busy") as u32, lambdas::sender::MAX_ATTEMPTS);
+    assert_eq!(
+        report.throttled,
+        2 + u64::from(lambdas::sender::MAX_ATTEMPTS)
+    );
     assert_eq!(attempts("ok1"), 1);
     let keys = kit.keys().await;
     assert!(!keys.iter().any(|k| k.contains("gone")), "{keys:?}");
     assert!(keys.contains(&"filter#t/+|ok1".to_string()));
-    // The next message does not try the gone connection.
+    // The part handed on: busy alone, one round later.
+    let parts = kit.standin.take_invocations();
+    assert_eq!(parts.len(), 1);
+    let part = &parts[0]["part"];
+    assert_eq!(
+        (
+            part["key"].clone(),
+            part["round"].clone(),
+            part["recipients"].clone()
+        ),
+        (json!("0+"), json!(1), json!(["busy"]))
+    );
+    let invoke = kit
+        .standin
+        .records()
+        .into_iter()
+        .find(|r| r.raw_path == "/2015-03-31/functions/iot-fanout/invocations")
+        .expect("an Invoke");
+    assert_eq!(invoke.invocation_type.as_deref(), Some("Event"));
+    // Lambda runs it once the throttling is over: busy gets the message.
     kit.standin.clear();
     kit.standin.throttle("busy", 0);
+    let report = f.handle(parts[0].clone()).await.unwrap();
+    assert_eq!((report.part.as_str(), report.delivered), ("0+", 1));
+    assert_eq!(kit.standin.posted()[0].0, "busy");
+    // The next message does not try the gone connection.
+    kit.standin.clear();
     let report = f.handle(rule_event("t/1", b"again")).await.unwrap();
     assert_eq!((report.recipients, report.delivered), (4, 4));
 }
@@ -435,7 +495,7 @@ async fn the_prefix_is_stripped_and_topics_outside_it_ignored() {
         kit.standin.posted(),
         vec![(
             "a".to_string(),
-            json!({"type":"message","channel":"fleet/d","data":1})
+            json!({"type":"message","channel":"fleet/d","data":1,"mid":RULE_ID})
         )]
     );
     kit.standin.clear();

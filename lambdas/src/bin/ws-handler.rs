@@ -9,7 +9,6 @@ use lambdas::calls::Calls;
 use lambdas::config::{process_env, HandlerConfig};
 use lambdas::handler::Handler;
 use lambdas::iot::Iot;
-use lambdas::sender::Sender;
 use lambdas::store::Store;
 
 #[tokio::main(flavor = "current_thread")]
@@ -23,7 +22,8 @@ async fn main() -> Result<(), Error> {
         config.clone(),
         Store::new(aws::dynamodb(&sdk, &calls), &config.table),
         Iot::new(aws::iot_data(&sdk, &calls)),
-        Sender::new(aws::management(&sdk, &calls, &config.websocket_endpoint)),
+        aws::sender(&sdk, &calls, &config.websocket_endpoint)
+            .inspect_err(|e| eprintln!("ws-handler: {e}"))?,
     )
     .inspect_err(|e| eprintln!("ws-handler: {e}"))?;
     let handler = &handler;

@@ -3,17 +3,21 @@
 //! * [`moto`]: moto's server (`pip install 'moto[server]'`) for DynamoDB, one
 //!   per test process; each test creates its own table from the definition in
 //!   `infra/template.yaml` ([`create_table`]);
-//! * [`StandIn`]: an HTTP stand-in for the API Gateway management API and the
-//!   IoT Data Plane (moto answers 200 for unknown connections and lacks
-//!   `ListRetainedMessages`): it records what the real SDK clients sent and
-//!   answers 410 or 429 on demand;
+//! * [`StandIn`]: an HTTP stand-in for the API Gateway management API, the
+//!   IoT Data Plane and Lambda's `Invoke` (moto answers 200 for unknown
+//!   connections and lacks `ListRetainedMessages`): it records what the
+//!   functions' clients sent, answers 410 or 429 on demand, and queues
+//!   asynchronous invocations for the test to run (or forwards them);
 //! * [`RuntimeApi`] / [`LambdaProcess`]: the Lambda Runtime API, so the built
 //!   `lambda_runtime` binaries run their real loop end to end;
 //! * [`capacity`]: a DynamoDB request recorder that bills each request as
-//!   DynamoDB would, per partition key.
+//!   DynamoDB would, per partition key;
+//! * [`pool`]: a pool of Lambda processes running asynchronous invocations
+//!   as Lambda does (the fan-out's parts, in parallel).
 #![allow(dead_code)]
 
 pub mod capacity;
+pub mod pool;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -242,6 +246,7 @@ pub fn aws_env(moto: &str, standin: &StandIn) -> Vec<(String, String)> {
         ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
         ("AWS_ENDPOINT_URL_DYNAMODB", moto.to_string()),
         ("AWS_ENDPOINT_URL_IOT_DATA_PLANE", standin.url.clone()),
+        ("AWS_ENDPOINT_URL_LAMBDA", standin.url.clone()),
         ("WEBSOCKET_ENDPOINT", standin.websocket_endpoint()),
     ]
     .into_iter()
@@ -354,6 +359,10 @@ pub struct Record {
     pub raw_path: String,
     pub query: String,
     pub body: Vec<u8>,
+    /// The `Authorization` header (a SigV4 signature).
+    pub authorization: Option<String>,
+    /// `X-Amz-Invocation-Type` (`Event` for an asynchronous `Invoke`).
+    pub invocation_type: Option<String>,
 }
 
 impl Record {
@@ -409,6 +418,10 @@ struct StandInState {
     retained_delay: Mutex<Duration>,
     retained: Mutex<BTreeMap<String, Vec<u8>>>,
     publish_status: Mutex<VecDeque<u16>>,
+    /// Lambda `Invoke` events not yet taken, and where to send them instead.
+    invocations: Mutex<Vec<Value>>,
+    invoke_status: Mutex<VecDeque<u16>>,
+    invoke_target: Mutex<Option<mpsc::UnboundedSender<Value>>>,
 }
 
 /// The recording stand-in for `@connections` and the IoT Data Plane.
@@ -503,6 +516,26 @@ impl StandIn {
             .extend(statuses.iter().copied());
     }
 
+    /// The asynchronous Lambda invocations queued since the last call, oldest
+    /// first (the stand-in answers `Invoke` like Lambda: 202, queued).
+    pub fn take_invocations(&self) -> Vec<Value> {
+        std::mem::take(&mut *self.state.invocations.lock().unwrap())
+    }
+
+    /// Queued invocations go to `target` instead (a pool of functions).
+    pub fn forward_invocations(&self, target: mpsc::UnboundedSender<Value>) {
+        *self.state.invoke_target.lock().unwrap() = Some(target);
+    }
+
+    /// The next `Invoke` calls answer these statuses (and queue nothing).
+    pub fn fail_invocations(&self, statuses: &[u16]) {
+        self.state
+            .invoke_status
+            .lock()
+            .unwrap()
+            .extend(statuses.iter().copied());
+    }
+
     /// A retained message, as a device's retained publish leaves it.
     pub fn set_retained(&self, topic: &str, payload: &[u8]) {
         self.state
@@ -538,6 +571,7 @@ async fn standin(
     State(state): State<Arc<StandInState>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let raw_path = uri.path().to_string();
@@ -547,9 +581,39 @@ async fn standin(
         raw_path: raw_path.clone(),
         query: query.clone(),
         body: body.to_vec(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        invocation_type: headers
+            .get("x-amz-invocation-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     };
     state.records.lock().unwrap().push(record.clone());
     let b64 = base64::engine::general_purpose::STANDARD;
+
+    if method == Method::POST
+        && raw_path.starts_with("/2015-03-31/functions/")
+        && raw_path.ends_with("/invocations")
+    {
+        if let Some(status) = state.invoke_status.lock().unwrap().pop_front() {
+            let kind = match status {
+                429 => "TooManyRequestsException",
+                _ => "ServiceException",
+            };
+            return error(StatusCode::from_u16(status).unwrap(), kind);
+        }
+        let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let target = state.invoke_target.lock().unwrap().clone();
+        match target {
+            Some(tx) => {
+                let _ = tx.send(event);
+            }
+            None => state.invocations.lock().unwrap().push(event),
+        }
+        return StatusCode::ACCEPTED.into_response();
+    }
 
     if let Some(conn) = record.connection() {
         if state.gone.lock().unwrap().contains(&conn) {
@@ -650,6 +714,9 @@ async fn standin(
 
 type Outcome = Result<Value, Value>;
 
+/// The request id that tells [`next`] to end the function's loop.
+const SHUTDOWN: &str = "shutdown";
+
 struct RuntimeState {
     queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
@@ -706,6 +773,11 @@ impl RuntimeApi {
             .expect("an answer")
     }
 
+    /// Answers the function's next `/next` with an error, which ends its loop.
+    pub fn shutdown(&self) {
+        let _ = self.events.send((SHUTDOWN.to_string(), Value::Null));
+    }
+
     /// When the function first asked for an event.
     pub fn first_next(&self) -> Option<Instant> {
         *self.state.first_next.lock().unwrap()
@@ -722,6 +794,10 @@ async fn next(State(state): State<Arc<RuntimeState>>) -> Response {
     let Some((id, event)) = state.queue.lock().await.recv().await else {
         return StatusCode::GONE.into_response();
     };
+    if id == SHUTDOWN {
+        // lambda_runtime's loop ends on an error from /next.
+        return StatusCode::GONE.into_response();
+    }
     let deadline = (now_millis() + 60_000).to_string();
     let mut headers = HeaderMap::new();
     headers.insert("lambda-runtime-aws-request-id", id.parse().unwrap());
@@ -783,8 +859,25 @@ pub struct LambdaProcess {
 
 impl LambdaProcess {
     pub async fn start(binary: &str, name: &str, env: &[(String, String)]) -> LambdaProcess {
+        Self::start_wrapped(&[], binary, name, env).await
+    }
+
+    /// The binary run by `wrapper` (a profiler: `["valgrind", "--tool=callgrind"]`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        binary: &str,
+        name: &str,
+        env: &[(String, String)],
+    ) -> LambdaProcess {
         let runtime = RuntimeApi::start().await;
-        let mut cmd = Command::new(binary);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AWS_LAMBDA_RUNTIME_API", runtime.addr.to_string())
@@ -850,6 +943,20 @@ impl LambdaProcess {
             .sum();
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Ends the function's loop and waits (at most 60 s) for the process to
+    /// exit on its own (a profiler wrapping it then writes its output).
+    pub async fn shutdown(&mut self) -> Option<std::process::ExitStatus> {
+        self.runtime.shutdown();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// Whether the process has exited, and how.
@@ -991,13 +1098,21 @@ pub fn authorizer_event(query_token: Option<&str>, header: Option<&str>) -> Valu
     })
 }
 
+/// The id [`rule_event`] gives every message (the rule's `newuuid()`).
+pub const RULE_ID: &str = "7d2c1b7e-0000-4000-8000-000000000001";
+
 /// The topic rule's output for one MQTT message.
 pub fn rule_event(topic: &str, payload: &[u8]) -> Value {
+    rule_event_with_id(topic, payload, RULE_ID)
+}
+
+/// The topic rule's output for one MQTT message with this id.
+pub fn rule_event_with_id(topic: &str, payload: &[u8], id: &str) -> Value {
     json!({
         "topic": topic,
         "payload": base64::engine::general_purpose::STANDARD.encode(payload),
         "timestamp": 1700000000000i64,
-        "id": "7d2c1b7e-0000-4000-8000-000000000001"
+        "id": id
     })
 }
 
@@ -1078,11 +1193,20 @@ impl Kit {
     }
 
     pub fn sender(&self, calls: &lambdas::calls::Calls) -> lambdas::sender::Sender {
-        lambdas::sender::Sender::new(lambdas::aws::management(
+        lambdas::aws::sender(&self.standin_sdk, calls, &self.standin.websocket_endpoint())
+            .expect("a sender")
+    }
+
+    /// An invoker of the function `name` whose invocations the stand-in
+    /// queues (see [`StandIn::invocations`]).
+    pub fn invoker(&self, name: &str, calls: &lambdas::calls::Calls) -> lambdas::invoke::Invoker {
+        lambdas::invoke::Invoker::new(
             &self.standin_sdk,
+            name,
+            Some(self.standin.url.clone()),
             calls,
-            &self.standin.websocket_endpoint(),
-        ))
+        )
+        .expect("an invoker")
     }
 
     pub fn handler(&self, extra: &[(&str, &str)]) -> lambdas::handler::Handler {
