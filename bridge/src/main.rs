@@ -86,6 +86,10 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // The TLS provider for every rustls user in the process (mqtts://,
+    // wss://): the dependency tree enables both aws-lc-rs and ring (rmqtt's
+    // QUIC support brings ring), and with two rustls cannot pick one itself.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
