@@ -37,7 +37,9 @@
  *   onstatus(s) "open", or "reconnecting" when the connection was lost.
  *   onerror(e)  a ChannelError (e.code, e.message) that answers no request
  *               of yours: a refused token refresh, `token_expired`, a failed
- *               resubscribe after a reconnect; or what getToken() threw.
+ *               resubscribe after a reconnect; or what getToken() threw, or
+ *               the browser's error for a URL it refuses (then retried
+ *               with backoff). Frames that are not JSON objects are ignored.
  *   onlagged(n) the server dropped n messages because this page read too
  *               slowly.
  */
@@ -77,8 +79,14 @@
       this._open();
     }
 
-    /** Requests made while disconnected wait for the next open. */
+    /**
+     * Requests made while disconnected wait for the next open. A connect
+     * that fails before it opens keeps the promise they wait on (a new one
+     * would leave them waiting forever).
+     */
     _notReady() {
+      if (this._waiting) return;
+      this._waiting = true;
       this.ready = new Promise((resolve) => { this._resolveReady = resolve; });
     }
 
@@ -109,12 +117,23 @@
 
     _connect(token) {
       const url = token ? this.url + (this.url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : this.url;
-      const ws = new WebSocket(url);
+      let ws;
+      try {
+        ws = new WebSocket(url);
+      } catch (e) {
+        // A URL the browser refuses outright (not ws:// or wss://, a
+        // blocked port): told once per attempt (after the constructor has
+        // returned), retried with backoff.
+        Promise.resolve().then(() => { if (!this.closed) this.onerror(e); });
+        this._reconnect(false);
+        return;
+      }
       this.ws = ws;
       let toldExpired = false; // the server said token_expired on this socket
       ws.onopen = () => {
         this.backoff = 500;
         this.onstatus("open");
+        this._waiting = false;
         this._resolveReady();
         for (const [filter, sub] of this.subscriptions) {
           this._request({ action: "subscribe", channel: filter, retained: sub.retained }).catch((e) => this.onerror(e));
@@ -123,7 +142,13 @@
         this._tokenInUse(ws, token);
       };
       ws.onmessage = (event) => {
-        const f = JSON.parse(event.data);
+        let f;
+        try {
+          f = JSON.parse(event.data);
+        } catch (e) {
+          return; // not a frame of this protocol
+        }
+        if (!f || typeof f !== "object") return;
         if (f.type === "error" && f.code === "token_expired") toldExpired = true;
         this._frame(f);
       };

@@ -188,6 +188,11 @@ pub struct ServeArgs {
     /// Log format (logs go to stderr; filter with RUST_LOG) [default: text].
     #[arg(long, env = "BRIDGE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Also run 12 simulated devices (demo-01 ... demo-12, as `bridge simulate`) on the
+    /// embedded broker, so the dashboard at / shows a live fleet.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// The config file. Sections group the same settings as the flags.
@@ -340,6 +345,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
+    /// Run the demo devices (`--demo`).
+    pub demo: bool,
 }
 
 /// A setting that makes no sense.
@@ -544,6 +551,13 @@ impl Settings {
             crate::channel::validate_filter(r)
                 .map_err(|e| ConfigError::Invalid(format!("reserved channel {r:?}: {e}")))?;
         }
+        if args.demo && !matches!(broker, Broker::Embedded(_)) {
+            return Err(ConfigError::Invalid(
+                "--demo runs its devices on the embedded broker; with --mqtt-url, run them with \
+                 `bridge simulate --mqtt-url URL --devices N` instead"
+                    .into(),
+            ));
+        }
         if matches!(broker, Broker::Embedded(_)) && !reserved.is_empty() {
             return Err(ConfigError::Invalid(
                 "the embedded broker does not support reserved ($) topics; use --mqtt-url with a broker that does".into(),
@@ -640,6 +654,7 @@ impl Settings {
                 .unwrap_or(50_000),
             allowed_origins,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            demo: args.demo,
         })
     }
 }
@@ -717,6 +732,12 @@ mod tests {
             },
             ServeArgs {
                 allowed_origins: vec!["example.com".into()],
+                ..ServeArgs::default()
+            },
+            // The demo devices live on the embedded broker only.
+            ServeArgs {
+                demo: true,
+                mqtt_url: Some("mqtt://127.0.0.1:1883".into()),
                 ..ServeArgs::default()
             },
         ] {

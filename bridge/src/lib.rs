@@ -9,8 +9,8 @@
 //!
 //! With the `server` feature (default), [`server`] is the self-hosted
 //! `bridge serve`, [`config`] its settings, [`client`] the little
-//! `bridge sub` / `bridge pub` client and [`smoke`] the end-to-end check of
-//! a deployed AWS stack.
+//! `bridge sub` / `bridge pub` client, [`smoke`] the end-to-end check of
+//! a deployed AWS stack and [`simulate`] the simulated device fleet.
 
 pub mod auth;
 pub mod channel;
@@ -28,5 +28,7 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod simulate;
 #[cfg(feature = "server")]
 pub mod smoke;

@@ -1,5 +1,6 @@
 //! The `bridge` command: `serve` runs the bridge, `sub` and `pub` are a small
-//! client. Thin: parsing and dispatch only.
+//! client, `smoke` checks an AWS deployment, `simulate` runs simulated
+//! devices. Thin: parsing and dispatch only.
 
 use std::process::ExitCode;
 
@@ -56,6 +57,9 @@ enum Command {
     /// Check a deployed AWS stack end to end: a WebSocket client (token: BRIDGE_TOKEN) and
     /// an MQTT device (X.509 certificate) exchange messages both ways.
     Smoke(bridge::smoke::SmokeArgs),
+    /// Run N simulated devices, each its own MQTT connection: telemetry, a retained
+    /// online/offline status with a last will, and commands (MQTT password: BRIDGE_MQTT_PASSWORD).
+    Simulate(bridge::simulate::SimulateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +165,19 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
         }
         Command::Smoke(args) => runtime.block_on(bridge::smoke::run(args)),
+        Command::Simulate(args) => {
+            let plan =
+                match bridge::simulate::plan(&args, std::env::var("BRIDGE_MQTT_PASSWORD").ok()) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        eprintln!("bridge: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+            init_logs(LogFormat::Text);
+            raise_fd_limit();
+            runtime.block_on(bridge::simulate::run(plan))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

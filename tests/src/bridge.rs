@@ -110,9 +110,17 @@ impl Bridge {
         let topic_prefix = opts.topic_prefix();
         let mut cmd = Command::new(bridge_bin());
         die_with_parent(&mut cmd);
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(&opts.args);
+        cmd.arg("serve");
+        // A free port, unless the options name one (a test that restarts
+        // the bridge where its clients reconnect).
+        if !opts
+            .args
+            .iter()
+            .any(|a| a == "--listen" || a.starts_with("--listen="))
+        {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&opts.args);
         cmd.env_remove("BRIDGE_JWT_SECRET").env(
             "RUST_LOG",
             "info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn",

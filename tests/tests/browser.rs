@@ -11,12 +11,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tests::{hs256_token, http_get, now, Backend, Opts, Setup};
+use tests::{hs256_token, http_get, now, Backend, Browser, Opts, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SECRET: &str = "browser-tests-secret-0123456789abcdef";
@@ -26,65 +25,6 @@ const LIFE: u64 = 4;
 const STARTUP: Duration = Duration::from_secs(30);
 /// How long a test waits for a page to report what should happen.
 const WAIT: Duration = Duration::from_secs(10);
-
-fn chromium() -> &'static str {
-    for bin in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new(bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return bin;
-        }
-    }
-    panic!("no Chromium found: install the Debian package `chromium` (.ci/run does)");
-}
-
-/// Headless Chromium showing one page, with a profile of its own; killed
-/// (and the profile removed) when dropped.
-struct Browser {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Browser {
-    fn open(url: &str) -> Browser {
-        let dir = std::env::temp_dir().join(format!(
-            "bridge-browser-{}-{}",
-            std::process::id(),
-            tests::free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(chromium())
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-background-timer-throttling",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
-            .arg(url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromium");
-        Browser { child, dir }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
 
 /// Which tokens `GET /token` hands out.
 #[derive(Debug, Clone, Copy, PartialEq)]

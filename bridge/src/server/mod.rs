@@ -10,7 +10,11 @@
 //! * [`origin`]: which pages may open a WebSocket;
 //! * [`ws`]: one WebSocket connection, over a [`socket`] whose writes have a
 //!   deadline;
-//! * [`metrics`]: the counters behind `GET /metrics`.
+//! * [`metrics`]: the counters behind `GET /metrics`;
+//! * [`web`]: the dashboard and the files it loads, served at `/`.
+//!
+//! With `--demo`, simulated devices ([`crate::simulate`]) run on the
+//! embedded broker beside it.
 
 pub mod broker;
 pub mod http;
@@ -22,6 +26,7 @@ pub mod origin;
 pub mod retained;
 pub mod socket;
 pub mod tls;
+pub mod web;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -223,8 +228,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     });
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
-        .route("/", get(demo_page))
-        .route("/channels.js", get(client_library))
+        .merge(web::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .with_state(app.clone());
@@ -245,6 +249,20 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     );
     // A line scripts can wait for.
     println!("bridge listening on {scheme}://{local}/ws");
+
+    let demo = if settings.demo {
+        let fleet =
+            crate::simulate::demo(&settings, app.shutdown.clone()).map_err(StartError::Mqtt)?;
+        tracing::info!(
+            devices = fleet.ids.len(),
+            "demo: simulated devices {}..{} publish under channel fleet/; open http://{local}/",
+            fleet.ids[0],
+            fleet.ids[fleet.ids.len() - 1],
+        );
+        Some(fleet)
+    } else {
+        None
+    };
 
     let shutdown = app.shutdown.clone();
     tokio::spawn(async move {
@@ -269,6 +287,10 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
             let listener = linger::LingerListener(listener);
             http::serve(listener, router, header_timeout, app.shutdown.clone()).await
         }
+    }
+    if let Some(fleet) = demo {
+        // The demo devices say goodbye while the broker is still there.
+        let _ = tokio::time::timeout(Duration::from_secs(3), fleet.done).await;
     }
     app.tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), app.tracker.wait())
@@ -312,7 +334,8 @@ fn connection_cap(wanted: usize) -> usize {
     wanted
 }
 
-async fn signal() {
+/// Ctrl-C or SIGTERM (also what ends `bridge simulate`).
+pub(crate) async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -330,19 +353,6 @@ async fn signal() {
     {
         let _ = ctrl_c.await;
     }
-}
-
-/// The demo dashboard (web/index.html): open it in a browser.
-async fn demo_page() -> impl IntoResponse {
-    axum::response::Html(include_str!("../../../web/index.html"))
-}
-
-/// The browser client library (web/channels.js).
-async fn client_library() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../../../web/channels.js"),
-    )
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
