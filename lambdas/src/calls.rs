@@ -205,6 +205,9 @@ pub enum Resource {
     /// A connection of the stage, under the request's HTTP method
     /// (`arn:…:execute-api:…:API/STAGE/METHOD/@connections/ID`).
     Connection { method: String },
+    /// The function that makes the call (an asynchronous invoke of itself:
+    /// `arn:…:lambda:…:function:NAME`).
+    Function,
     /// An action without resource-level permissions: only `"*"` grants it.
     Any,
     /// A call this mapping does not know: nothing grants it, so a test that
@@ -231,7 +234,9 @@ fn permission(action: &str, resource: Resource) -> Permission {
 ///   ("AWS IoT Core policy actions", "Retained message policy examples");
 /// * `@connections`: `execute-api:ManageConnections` on
 ///   `API/STAGE/METHOD/@connections/ID`, METHOD being the request's (POST to
-///   post, DELETE to close, GET to read).
+///   post, DELETE to close, GET to read);
+/// * Lambda `Invoke` (the fan-out handing a part to itself):
+///   `lambda:InvokeFunction` on the function.
 ///
 /// Anything else maps to [`Resource::Unknown`].
 pub fn iam_permissions(call: &Call) -> Vec<Permission> {
@@ -278,6 +283,10 @@ pub fn iam_permissions(call: &Call) -> Vec<Permission> {
                 },
             )],
             _ => vec![permission(&format!("execute-api:{op}"), Resource::Unknown)],
+        },
+        "Lambda" => match op {
+            "Invoke" => vec![permission("lambda:InvokeFunction", Resource::Function)],
+            _ => vec![permission(&format!("lambda:{op}"), Resource::Unknown)],
         },
         service => vec![permission(&format!("{service}:{op}"), Resource::Unknown)],
     }

@@ -135,6 +135,7 @@ impl HandlerConfig {
         "BRIDGE_MAX_SUBSCRIPTIONS",
         "BRIDGE_CONNECTION_TTL_SECS",
         "BRIDGE_MAX_RETAINED",
+        "BRIDGE_LOOKUP_CACHE_MS",
         "BRIDGE_JWT_SECRET",
         "BRIDGE_JWKS_URL",
         "BRIDGE_JWT_ISSUER",
@@ -233,6 +234,8 @@ impl FanoutConfig {
         "BRIDGE_TOPIC_PREFIX",
         "BRIDGE_MAX_PAYLOAD_BYTES",
         "BRIDGE_FANOUT_CONCURRENCY",
+        "BRIDGE_FANOUT_PART_SIZE",
+        "BRIDGE_LOOKUP_CACHE_MS",
     ];
 
     pub fn from_env(env: Lookup) -> Result<Self, ConfigError> {

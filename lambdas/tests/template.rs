@@ -289,16 +289,31 @@ fn resource_alternatives(r: &Y) -> Vec<String> {
     }
 }
 
-/// (action, resource alternatives) of every statement of a function's role.
+/// (action, resource alternatives) of every statement of a function's role:
+/// its inline policies and the `AWS::IAM::Policy` resources attached to it.
 fn granted(t: &Y, function: &str) -> Vec<(String, Vec<String>)> {
     let (_, role) = untag(&resource(t, function)["Properties"]["Role"]);
     let role = role.as_str().unwrap().trim_end_matches(".Arn");
-    let mut out = Vec::new();
-    for policy in resource(t, role)["Properties"]["Policies"]
+    let mut documents: Vec<&Y> = resource(t, role)["Properties"]["Policies"]
         .as_sequence()
         .unwrap()
-    {
-        for st in policy["PolicyDocument"]["Statement"].as_sequence().unwrap() {
+        .iter()
+        .map(|p| &p["PolicyDocument"])
+        .collect();
+    for (_, r) in t["Resources"].as_mapping().unwrap() {
+        let attached = r["Type"].as_str() == Some("AWS::IAM::Policy")
+            && r["Properties"]["Roles"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|x| untag(x).1.as_str() == Some(role));
+        if attached {
+            documents.push(&r["Properties"]["PolicyDocument"]);
+        }
+    }
+    let mut out = Vec::new();
+    for document in documents {
+        for st in document["Statement"].as_sequence().unwrap() {
             assert_eq!(st["Effect"].as_str(), Some("Allow"));
             let actions: Vec<String> = match &st["Action"] {
                 Y::Sequence(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
@@ -322,10 +337,11 @@ const ARN: &str = "arn:${AWS::Partition}";
 const ACCOUNT: &str = "${AWS::Region}:${AWS::AccountId}";
 
 /// Whether a granted resource (every alternative of it) is the kind of
-/// resource a permission names, scoped to this stack.
-fn covers(alternatives: &[String], wanted: &Resource) -> bool {
+/// resource a permission of `function` names, scoped to this stack.
+fn covers(function: &str, alternatives: &[String], wanted: &Resource) -> bool {
     alternatives.iter().all(|r| match wanted {
         Resource::Table => r == "!GetAtt ConnectionsTable.Arn",
+        Resource::Function => r == &format!("!GetAtt {function}.Arn"),
         Resource::Topic => {
             r == &format!("{ARN}:iot:{ACCOUNT}:topic/*")
                 || r == &format!("{ARN}:iot:{ACCOUNT}:topic/${{TopicPrefix}}/*")
@@ -353,7 +369,7 @@ fn check_grants(t: &Y, function: &str, needed: &BTreeSet<Permission>) {
         assert!(
             granted
                 .iter()
-                .any(|(a, r)| a == &p.action && covers(r, &p.resource)),
+                .any(|(a, r)| a == &p.action && covers(function, r, &p.resource)),
             "{function} calls need {} on {:?}, which its role does not grant",
             p.action,
             p.resource
@@ -366,7 +382,7 @@ fn check_grants(t: &Y, function: &str, needed: &BTreeSet<Permission>) {
         assert!(
             needed
                 .iter()
-                .any(|p| &p.action == action && covers(r, &p.resource)),
+                .any(|p| &p.action == action && covers(function, r, &p.resource)),
             "{function} is granted {action} on {r:?}, which no call it makes needs"
         );
         if r.iter().any(|x| x == "*") {
@@ -384,7 +400,10 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
     let handler_calls = Calls::new();
     let fanout_calls = Calls::new();
     let h = kit.handler_with(&[("BRIDGE_MAX_SUBSCRIPTIONS", "3")], &handler_calls);
-    let f = kit.fanout_with(&[], &fanout_calls);
+    // Parts of one: every message with two recipients is split.
+    let f = kit
+        .fanout_with(&[("BRIDGE_FANOUT_PART_SIZE", "1")], &fanout_calls)
+        .with_invoker(kit.invoker("iot-fanout", &fanout_calls));
     kit.standin.set_retained("t/1", b"r");
     // Every path of the handler that calls AWS.
     connect(&h, "a", &Permissions::allow_all()).await;
@@ -410,7 +429,12 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
     assert_eq!(r.status_code, 200);
     let r = handle(
         &h,
-        ws_event("$default", "ended", Some(r#"{"action":"ping"}"#), Some(ended)),
+        ws_event(
+            "$default",
+            "ended",
+            Some(r#"{"action":"ping"}"#),
+            Some(ended),
+        ),
     )
     .await;
     assert!(body(&r).is_none());
@@ -425,7 +449,16 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
         .await
         .unwrap();
     setup
-        .subscribe("stale", "t/1", "t/1", now + 600, Some(now - 1), 10, now, 600)
+        .subscribe(
+            "stale",
+            "t/1",
+            "t/1",
+            now + 600,
+            Some(now - 1),
+            10,
+            now,
+            600,
+        )
         .await
         .unwrap();
     // The subscription limit under concurrency takes the store's read path.
@@ -433,10 +466,28 @@ async fn iam_grants_exactly_the_calls_the_code_makes() {
         .map(|i| format!(r#"{{"action":"subscribe","channel":"v/{i}"}}"#))
         .collect();
     futures_util::future::join_all(frames.iter().map(|fr| send(&h, "a", fr))).await;
-    // Every path of the fan-out: registry, lookups, posts, a gone connection.
+    // Every path of the fan-out: registry, lookups, posts, a part handed
+    // off (Invoke) and run, a gone connection...
     kit.standin.set_gone("b");
     let report = f.handle(rule_event("t/1", b"m")).await.unwrap();
-    assert_eq!((report.delivered, report.gone, report.expired), (1, 1, 1));
+    assert_eq!(
+        (report.delivered, report.handed_off, report.expired),
+        (1, 1, 1)
+    );
+    let parts = kit.standin.take_invocations();
+    assert_eq!(parts.len(), 1);
+    let report = f.handle(parts[0].clone()).await.unwrap();
+    assert_eq!(report.gone, 1);
+    // ...and, with no time left and Lambda's Invoke failing, what is left
+    // recorded for the retry (a progress row).
+    kit.standin.fail_invocations(&[500, 500, 500]);
+    let no_time =
+        lambdas::budget::Budget::until(std::time::Instant::now(), std::time::Duration::ZERO);
+    let err = f
+        .handle_within(rule_event_with_id("t/1", b"m", "iam-left"), no_time)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("recorded for the retry"), "{err}");
     let r = handle(&h, ws_event("$disconnect", "a", None, None)).await;
     assert_eq!(r.status_code, 200);
 
@@ -627,6 +678,45 @@ fn the_fanout_concurrency_is_bounded() {
     assert_eq!(tag.as_deref(), Some("!Equals"));
     assert_eq!(untag(&eq[0]).1.as_str(), Some("FanoutReservedConcurrency"));
     assert_eq!(eq[1].as_u64(), Some(0));
+}
+
+/// ws-handler holds a subscribe's ack as long as iot-fanout may reuse a
+/// read: one parameter feeds both, within the bounds the code accepts.
+#[test]
+fn the_subscribe_wait_covers_the_fanout_cache() {
+    let t = template();
+    for function in ["HandlerFunction", "FanoutFunction"] {
+        let vars = &resource(&t, function)["Properties"]["Environment"]["Variables"];
+        let (tag, v) = untag(&vars["BRIDGE_LOOKUP_CACHE_MS"]);
+        assert_eq!(
+            (tag.as_deref(), v.as_str()),
+            (Some("!Ref"), Some("LookupCacheMillis")),
+            "{function}"
+        );
+    }
+    let p = &t["Parameters"]["LookupCacheMillis"];
+    assert_eq!(
+        (
+            p["Default"].as_u64(),
+            p["MinValue"].as_u64(),
+            p["MaxValue"].as_u64()
+        ),
+        (
+            Some(lambdas::config::DEFAULT_LOOKUP_CACHE_MS),
+            Some(0),
+            Some(lambdas::config::MAX_LOOKUP_CACHE_MS)
+        )
+    );
+    let p = &t["Parameters"]["FanoutPartSize"];
+    assert_eq!(
+        p["Default"].as_u64(),
+        Some(lambdas::config::DEFAULT_PART_SIZE as u64)
+    );
+    let vars = &resource(&t, "FanoutFunction")["Properties"]["Environment"]["Variables"];
+    assert_eq!(
+        untag(&vars["BRIDGE_FANOUT_PART_SIZE"]).1.as_str(),
+        Some("FanoutPartSize")
+    );
 }
 
 /// The alarms (resource name -> properties).
