@@ -59,6 +59,17 @@ pub struct ServeArgs {
     #[arg(long, env = "BRIDGE_EMBEDDED_BROKER", value_name = "ADDR")]
     pub embedded_broker: Option<SocketAddr>,
 
+    /// Username devices must give the embedded broker (with the password from
+    /// BRIDGE_EMBEDDED_BROKER_PASSWORD or the config file). Without it devices connect
+    /// anonymously.
+    #[arg(long, env = "BRIDGE_EMBEDDED_BROKER_USER", value_name = "NAME")]
+    pub embedded_broker_user: Option<String>,
+
+    /// The embedded broker's device password: from BRIDGE_EMBEDDED_BROKER_PASSWORD (set by
+    /// the caller) or the config file, never a flag.
+    #[arg(skip)]
+    pub embedded_broker_password: Option<Secret>,
+
     /// MQTT client id of the bridge (unique per node) (default: `bridge-<random>`).
     #[arg(long, env = "BRIDGE_MQTT_CLIENT_ID", value_name = "ID")]
     pub mqtt_client_id: Option<String>,
@@ -226,6 +237,8 @@ pub struct MqttFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub keep_alive: Option<u64>,
+    pub embedded_user: Option<String>,
+    pub embedded_password: Option<Secret>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -266,7 +279,7 @@ pub struct ChannelsFile {
 /// Where the MQTT side is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Broker {
-    /// Run rumqttd in the process on this address.
+    /// Run the embedded broker (rmqtt) in the process on this address.
     Embedded(SocketAddr),
     /// Connect to an external broker.
     External { host: String, port: u16, tls: bool },
@@ -347,6 +360,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Run the demo devices (`--demo`).
     pub demo: bool,
+    /// The embedded broker's device login (username, password), if any.
+    pub embedded_user: Option<(String, Secret)>,
 }
 
 /// A setting that makes no sense.
@@ -558,9 +573,26 @@ impl Settings {
                     .into(),
             ));
         }
-        if matches!(broker, Broker::Embedded(_)) && !reserved.is_empty() {
+        let embedded_user = match (
+            args.embedded_broker_user.clone().or(file.mqtt.embedded_user),
+            args.embedded_broker_password
+                .clone()
+                .filter(|p| !p.expose().is_empty())
+                .or(file.mqtt.embedded_password),
+        ) {
+            (Some(name), Some(password)) if !name.is_empty() => Some((name, password)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "the embedded broker's device login needs both --embedded-broker-user and \
+                     BRIDGE_EMBEDDED_BROKER_PASSWORD (or both in the config file)"
+                        .into(),
+                ))
+            }
+        };
+        if embedded_user.is_some() && !matches!(broker, Broker::Embedded(_)) {
             return Err(ConfigError::Invalid(
-                "the embedded broker does not support reserved ($) topics; use --mqtt-url with a broker that does".into(),
+                "--embedded-broker-user applies to the embedded broker, not to --mqtt-url".into(),
             ));
         }
         let prefix = args.topic_prefix.clone().or(file.channels.prefix);
@@ -655,6 +687,7 @@ impl Settings {
             allowed_origins,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             demo: args.demo,
+            embedded_user,
         })
     }
 }

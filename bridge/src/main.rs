@@ -69,13 +69,11 @@ enum Encoding {
     Base64,
 }
 
-/// Logs go to stderr. The embedded broker (rumqttd) logs ordinary client
-/// disconnects as errors, so it is silent unless RUST_LOG names it (e.g.
-/// `RUST_LOG=info,rumqttd=warn`), but for its warnings that a subscriber fell
-/// so far behind that messages were skipped.
+/// Logs go to stderr. The embedded broker (rmqtt) and the MQTT client
+/// (rumqttc) say only warnings unless RUST_LOG names them.
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn")
+        tracing_subscriber::EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn,rumqttc=warn")
     });
     // Colour codes only for a person at a terminal, never into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -104,7 +102,10 @@ fn main() -> ExitCode {
     };
     let token = std::env::var("BRIDGE_TOKEN").ok().filter(|t| !t.is_empty());
     let result: Result<(), String> = match cli.command {
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            args.embedded_broker_password = std::env::var("BRIDGE_EMBEDDED_BROKER_PASSWORD")
+                .ok()
+                .map(bridge::config::Secret::new);
             let settings = match Settings::resolve(
                 &args,
                 std::env::var("BRIDGE_JWT_SECRET").ok(),

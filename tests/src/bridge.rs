@@ -121,10 +121,8 @@ impl Bridge {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
         cmd.args(&opts.args);
-        cmd.env_remove("BRIDGE_JWT_SECRET").env(
-            "RUST_LOG",
-            "info,rumqttd=off,rumqttd::segments=warn,rumqttc=warn",
-        );
+        cmd.env_remove("BRIDGE_JWT_SECRET")
+            .env("RUST_LOG", "info,rmqtt=warn,rmqtt_net=warn,rumqttc=warn");
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }

@@ -363,10 +363,8 @@ async fn listening_beyond_loopback_without_credentials_warns() {
     }
 }
 
-// Device credentials. `broker::start_with` takes them; these tests wait for
-// the command line to pass them (proposed: `--embedded-broker-user NAME`, the
-// password from the environment variable BRIDGE_EMBEDDED_BROKER_PASSWORD).
-// Enable them (remove `ignore`) when it does.
+// Device credentials: `--embedded-broker-user NAME`, the password from the
+// environment variable BRIDGE_EMBEDDED_BROKER_PASSWORD.
 
 const USER: &str = "sensor";
 const PASSWORD: &str = "right horse battery";
@@ -378,7 +376,6 @@ fn with_credentials() -> Opts {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs --embedded-broker-user / BRIDGE_EMBEDDED_BROKER_PASSWORD on the command line"]
 async fn with_credentials_only_the_right_password_connects() {
     let bridge = Bridge::embedded(with_credentials());
     let port = bridge.mqtt_port;
@@ -402,7 +399,6 @@ async fn with_credentials_only_the_right_password_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs --embedded-broker-user / BRIDGE_EMBEDDED_BROKER_PASSWORD on the command line"]
 async fn with_credentials_beyond_loopback_there_is_no_warning() {
     let port = free_port();
     let bridge = Bridge::spawn(

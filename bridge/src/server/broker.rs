@@ -64,14 +64,6 @@ const MAX_INFLIGHT: u16 = 100;
 /// Mosquitto's `max_queued_messages` default.
 const MAX_QUEUED: usize = 1_000;
 
-/// Starts the broker on `addr` with anonymous devices (no credentials).
-///
-/// Kept for the caller until the device credentials are wired; equal to
-/// `start_with(addr, max_packet, Users::default())`.
-pub fn start(addr: SocketAddr, max_packet: usize) -> Result<(), BrokerError> {
-    start_with(addr, max_packet, Users::default()).map(|_| ())
-}
-
 /// Starts the broker on `addr` in its own thread and returns once it listens.
 ///
 /// `max_packet` bounds every MQTT packet (payload, topic and headers).
@@ -82,7 +74,7 @@ pub fn start(addr: SocketAddr, max_packet: usize) -> Result<(), BrokerError> {
 /// Returns the login the bridge's own MQTT connections must use when `users`
 /// is not empty (a user made up for this process, with a random password),
 /// `None` when devices are anonymous.
-pub fn start_with(
+pub fn start(
     addr: SocketAddr,
     max_packet: usize,
     users: Users,

@@ -122,16 +122,23 @@ fn verifier(settings: &Settings) -> Result<Option<Verifier>, StartError> {
 }
 
 /// Runs the bridge until SIGTERM or Ctrl-C (or `stop`, for embedding).
-pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), StartError> {
+pub async fn run(mut settings: Settings, stop: CancellationToken) -> Result<(), StartError> {
     let verifier = verifier(&settings)?;
     if let Broker::Embedded(addr) = settings.broker {
-        broker::start(
-            addr,
-            settings
-                .hard_frame_bytes
-                .max(settings.limits.max_payload_bytes)
-                + 1024,
-        )?;
+        let mut users = broker::Users::default();
+        if let Some((name, password)) = &settings.embedded_user {
+            users.add(name.clone(), password.expose())?;
+        }
+        let max_packet = settings
+            .hard_frame_bytes
+            .max(settings.limits.max_payload_bytes)
+            + 1024;
+        // With device logins, the bridge's own two connections use the one
+        // the broker made up for this process.
+        if let Some(login) = broker::start(addr, max_packet, users)? {
+            settings.username = Some(login.username.clone());
+            settings.password = Some(crate::config::Secret::new(login.password.clone()));
+        }
         tracing::info!(%addr, "embedded MQTT broker listening (devices connect here)");
     }
     let tls = match &settings.tls {

@@ -40,7 +40,7 @@ async fn connack(addr: SocketAddr, login: Option<(&str, &str)>) -> ConnectReturn
 async fn a_port_in_use_is_a_clear_error() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = start_with(addr, 4096, Users::default()).unwrap_err();
+    let err = start(addr, 4096, Users::default()).unwrap_err();
     assert!(matches!(err, BrokerError::InUse { .. }), "{err:?}");
     assert!(err.to_string().contains("--mqtt-url"), "{err}");
 }
@@ -48,7 +48,7 @@ async fn a_port_in_use_is_a_clear_error() {
 #[tokio::test]
 async fn without_users_devices_connect_anonymously() {
     let addr = free_addr();
-    assert!(start_with(addr, 4096, Users::default()).unwrap().is_none());
+    assert!(start(addr, 4096, Users::default()).unwrap().is_none());
     assert_eq!(connack(addr, None).await, ConnectReturnCode::Success);
 }
 
@@ -57,7 +57,7 @@ async fn with_users_only_the_right_password_connects() {
     let addr = free_addr();
     let mut users = Users::default();
     users.add("sensor", "right horse").unwrap();
-    let login = start_with(addr, 4096, users)
+    let login = start(addr, 4096, users)
         .unwrap()
         .expect("a login for the bridge");
 
