@@ -1,6 +1,11 @@
 //! CloudWatch Embedded Metric Format: one JSON log line per invocation that
 //! CloudWatch turns into metrics without any API call (namespace
 //! `ChannelBridge`, dimension `Function`).
+//!
+//! Each metric a function declares is a custom metric, billed per month
+//! (about $0.30 each); the line's other fields (*properties*) cost nothing
+//! beyond the log line and are still there for Logs Insights. So only what
+//! an alarm or a dashboard needs is declared a metric.
 
 use serde_json::{json, Map, Value};
 
@@ -9,8 +14,17 @@ pub const NAMESPACE: &str = "ChannelBridge";
 /// One metric: name, value, unit (`Count`, `Milliseconds`, `Bytes`).
 pub type Metric<'a> = (&'a str, f64, &'a str);
 
-/// The EMF line for `metrics` of `function` at `timestamp_ms`.
-pub fn line(function: &str, timestamp_ms: i64, metrics: &[Metric]) -> String {
+/// A field of the line that is not a metric: name, value.
+pub type Property<'a> = (&'a str, f64);
+
+/// The EMF line for `metrics` of `function` at `timestamp_ms`, with
+/// `properties` alongside.
+pub fn line(
+    function: &str,
+    timestamp_ms: i64,
+    metrics: &[Metric],
+    properties: &[Property],
+) -> String {
     let definitions: Vec<Value> = metrics
         .iter()
         .map(|(name, _, unit)| json!({"Name": name, "Unit": unit}))
@@ -31,12 +45,18 @@ pub fn line(function: &str, timestamp_ms: i64, metrics: &[Metric]) -> String {
     for (name, value, _) in metrics {
         root.insert((*name).to_string(), json!(value));
     }
+    for (name, value) in properties {
+        root.insert((*name).to_string(), json!(value));
+    }
     Value::Object(root).to_string()
 }
 
 /// Writes the line to stdout, where the Lambda runtime sends it to CloudWatch Logs.
-pub fn emit(function: &str, metrics: &[Metric]) {
-    println!("{}", line(function, crate::now_millis(), metrics));
+pub fn emit(function: &str, metrics: &[Metric], properties: &[Property]) {
+    println!(
+        "{}",
+        line(function, crate::now_millis(), metrics, properties)
+    );
 }
 
 #[cfg(test)]
@@ -52,6 +72,7 @@ mod tests {
                 ("Delivered", 3.0, "Count"),
                 ("Duration", 1.5, "Milliseconds"),
             ],
+            &[("Gone", 2.0)],
         );
         let v: Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["_aws"]["Timestamp"], 7);
@@ -62,5 +83,14 @@ mod tests {
         );
         assert_eq!(v["Delivered"], 3.0);
         assert_eq!(v["Function"], "iot-fanout");
+        // A property is in the line, not among the metrics.
+        assert_eq!(v["Gone"], 2.0);
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }
