@@ -101,6 +101,12 @@ if [ "$auth" = "token" ] && [ -z "$jwks_url" ]; then
     fi
     jwt_secret="$(cat "$secret_file")"
   fi
+  # The functions refuse a shorter HS256 key (RFC 7518 3.2) at start, which
+  # would fail every $connect: refuse it here, before anything is deployed.
+  if [ "${#jwt_secret}" -lt 32 ]; then
+    echo "deploy.sh: BRIDGE_JWT_SECRET is ${#jwt_secret} bytes; HS256 needs at least 32 (openssl rand -hex 32)" >&2
+    exit 2
+  fi
 fi
 if [ "$auth" = "off" ]; then jwks_url=""; fi
 
@@ -164,16 +170,40 @@ param TopicPrefix "$topic_prefix"
 param IotDataEndpoint "$iot_endpoint"
 param SetApiGatewayCloudWatchRole "$set_role"
 
+# The parameters reach sam in a file only this user can read, never on its
+# command line, where `ps` shows them to everyone on the machine: the HS256
+# secret is one of them. (sam reads `parameter_overrides` from a config file
+# as it reads the flag's items.)
+cfg_dir="$(mktemp -d)"
+trap 'rm -rf "$cfg_dir"' EXIT
+cfg="$cfg_dir/samconfig.toml"
+(
+  umask 077
+  {
+    echo 'version = 0.1'
+    echo '[bridge.deploy.parameters]'
+    printf 'parameter_overrides = ['
+    sep=''
+    for item in ${params[@]+"${params[@]}"} ${extra[@]+"${extra[@]}"}; do
+      # A TOML basic string: backslashes and quotes escaped.
+      printf '%s"%s"' "$sep" "$(printf '%s' "$item" | sed 's/\\/\\\\/g; s/"/\\"/g')"
+      sep=', '
+    done
+    echo ']'
+  } > "$cfg"
+)
+
 echo "==> deploying stack $stack to $region"
 sam deploy \
+  --config-file "$cfg" \
+  --config-env bridge \
   --template-file "$here/template.yaml" \
   --stack-name "$stack" \
   --region "$region" \
   --capabilities CAPABILITY_IAM \
   --resolve-s3 \
   --no-confirm-changeset \
-  --no-fail-on-empty-changeset \
-  --parameter-overrides ${params[@]+"${params[@]}"} ${extra[@]+"${extra[@]}"}
+  --no-fail-on-empty-changeset
 
 output() {
   aws cloudformation describe-stacks --stack-name "$stack" --region "$region" \

@@ -224,18 +224,38 @@ if name == "cargo":
 if name == "sam":
     stack = load("stack.json", None)
     if args[0] == "deploy":
-        i = args.index("--parameter-overrides") + 1
+        # The items come from --parameter-overrides, else from the config
+        # file's [ENV.deploy.parameters] parameter_overrides, as sam reads them.
+        if "--parameter-overrides" in args:
+            i = args.index("--parameter-overrides") + 1
+            items = []
+            while i < len(args) and not args[i].startswith("--"):
+                items.append(args[i])
+                i += 1
+        elif "--config-file" in args:
+            import stat, tomllib
+            path = opt("--config-file")
+            if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+                sys.exit("sam stand-in: the config file %s is readable by others" % path)
+            with open(path, "rb") as f:
+                config = tomllib.load(f)
+            items = config[opt("--config-env") or "default"]["deploy"]["parameters"]["parameter_overrides"]
+            if isinstance(items, str):
+                items = [items]
+        else:
+            items = []
+        with open(os.path.join(state, "deploys.jsonl"), "a") as f:
+            f.write(json.dumps(items) + "\n")
         # sam deploy reuses the previous value of every parameter not passed.
         params = dict(stack["parameters"]) if stack else {}
-        while i < len(args) and not args[i].startswith("--"):
-            m = re.fullmatch(r'([A-Za-z0-9]+)=("(?:\\.|[^"\\])*"|(?:\\.|[^ "\\])+)', args[i])
+        for item in items:
+            m = re.fullmatch(r'([A-Za-z0-9]+)=("(?:\\.|[^"\\])*"|(?:\\.|[^ "\\])+)', item)
             if not m:
-                sys.exit("Error: Invalid value for '--parameter-overrides': %s is not in valid format." % args[i])
+                sys.exit("Error: Invalid value for '--parameter-overrides': %s is not in valid format." % item)
             key, value = m.group(1), m.group(2)
             if value.startswith('"'):
                 value = value[1:-1]
             params[key] = value.replace('\\"', '"')
-            i += 1
         role = stack.get("role") if stack else None
         account = load("account.json", {})
         deleted = load("deleted_roles.json", [])
@@ -395,25 +415,13 @@ impl Sandbox {
             .collect()
     }
 
-    /// The `--parameter-overrides` items of every `sam deploy`, in order,
-    /// as written on its command line.
+    /// The parameter-override items of every `sam deploy`, in order, as sam
+    /// read them (from its command line or its config file).
     fn overrides(&self) -> Vec<Vec<String>> {
-        self.calls()
-            .into_iter()
-            .filter(|(cmd, args)| {
-                cmd == "sam" && args.first().map(String::as_str) == Some("deploy")
-            })
-            .map(|(_, args)| {
-                let i = args
-                    .iter()
-                    .position(|a| a == "--parameter-overrides")
-                    .unwrap();
-                args[i + 1..]
-                    .iter()
-                    .take_while(|a| !a.starts_with("--"))
-                    .cloned()
-                    .collect()
-            })
+        let text = std::fs::read_to_string(self.dir.join("state/deploys.jsonl"))
+            .unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
 
@@ -429,7 +437,10 @@ impl Drop for Sandbox {
     }
 }
 
-const SECRET: &[(&str, &str)] = &[("BRIDGE_JWT_SECRET", "first-secret")];
+const SECRET: &[(&str, &str)] = &[(
+    "BRIDGE_JWT_SECRET",
+    "first-secret-0123456789abcdef0123456789",
+)];
 
 #[test]
 fn a_second_deploy_keeps_the_account_logging_role() {
@@ -502,10 +513,10 @@ fn switching_auth_mode_never_leaves_both_set() {
     s.deploy(&[], SECRET);
     assert_eq!(
         auth(&s.parameters()),
-        ("token".into(), "first-secret".into(), "".into())
+        ("token".into(), "first-secret-0123456789abcdef0123456789".into(), "".into())
     );
-    // To --jwks-url: the secret is emptied, on the command line (sam would
-    // otherwise keep its previous value).
+    // To --jwks-url: the secret is emptied, explicitly (sam would otherwise
+    // keep its previous value).
     s.deploy(&["--jwks-url", url, "--jwt-issuer", "https://idp"], SECRET);
     let last = s.overrides().pop().unwrap();
     for item in [
@@ -524,15 +535,57 @@ fn switching_auth_mode_never_leaves_both_set() {
     );
     assert_eq!(s.parameters()["JwtIssuer"], "https://idp");
     // Back to a secret: the URL and the issuer go.
-    s.deploy(&[], &[("BRIDGE_JWT_SECRET", "second-secret")]);
+    s.deploy(
+        &[],
+        &[(
+            "BRIDGE_JWT_SECRET",
+            "second-secret-0123456789abcdef0123456789",
+        )],
+    );
     assert_eq!(
         auth(&s.parameters()),
-        ("token".into(), "second-secret".into(), "".into())
+        ("token".into(), "second-secret-0123456789abcdef0123456789".into(), "".into())
     );
     assert_eq!(s.parameters()["JwtIssuer"], "");
     // Off: neither.
     s.deploy(&["--no-auth"], SECRET);
     assert_eq!(auth(&s.parameters()), ("off".into(), "".into(), "".into()));
+}
+
+#[test]
+fn the_secret_is_never_on_a_command_line() {
+    let s = Sandbox::new("secret");
+    s.deploy(&[], SECRET);
+    // sam got it (from a config file only this user could read)...
+    assert_eq!(s.parameters()["JwtSecret"], SECRET[0].1);
+    // ...and no command line carried it, where `ps` shows it to everyone.
+    for (cmd, args) in s.calls() {
+        assert!(
+            !args.iter().any(|a| a.contains(SECRET[0].1)),
+            "{cmd} {args:?}"
+        );
+    }
+    // The config file is gone after the run.
+    let config = s
+        .calls()
+        .into_iter()
+        .find(|(cmd, _)| cmd == "sam")
+        .and_then(|(_, args)| {
+            let i = args.iter().position(|a| a == "--config-file")?;
+            args.get(i + 1).cloned()
+        })
+        .expect("sam deploy --config-file");
+    assert!(!std::path::Path::new(&config).exists(), "{config} left behind");
+}
+
+#[test]
+fn a_short_hs256_secret_is_refused_before_anything_is_deployed() {
+    let s = Sandbox::new("short");
+    let out = s.run("deploy.sh", &["--region", "eu-west-1"], &[("BRIDGE_JWT_SECRET", "short")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 32"), "{stderr}");
+    assert!(s.overrides().is_empty(), "no sam deploy");
 }
 
 #[test]
