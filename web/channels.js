@@ -42,6 +42,10 @@
  *               with backoff). Frames that are not JSON objects are ignored.
  *   onlagged(n) the server dropped n messages because this page read too
  *               slowly.
+ *
+ * On AWS a message may, rarely, come twice (docs/PROTOCOL.md, "On AWS"): its
+ * copies carry the same `mid`, and the client hands each `mid` to your
+ * handlers once (it remembers the last 4,096).
  */
 (function (root) {
   "use strict";
@@ -50,6 +54,8 @@
   const MAX_TIMEOUT = 2147483647;
   /** A refresh is never scheduled sooner than this after the last one. */
   const MIN_REFRESH_MS = 1000;
+  /** How many message ids (`mid`, AWS) are remembered to drop copies. */
+  const MAX_MIDS = 4096;
 
   class ChannelError extends Error {
     constructor(code, message) {
@@ -238,6 +244,7 @@
         return;
       }
       if (f.type === "message") {
+        if (typeof f.mid === "string" && this._seenBefore(f.mid)) return;
         const data = f.encoding === "base64" ? Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0)) : f.data;
         for (const [filter, sub] of this.subscriptions) {
           if (ChannelClient.matches(filter, f.channel)) for (const h of sub.handlers) h(data, f);
@@ -247,6 +254,15 @@
       } else if (f.type === "error") {
         this.onerror(new ChannelError(f.code, f.message));
       }
+    }
+
+    /** Whether a message with this id came already; remembers it if not. */
+    _seenBefore(mid) {
+      if (!this.mids) this.mids = new Set();
+      if (this.mids.has(mid)) return true;
+      this.mids.add(mid);
+      if (this.mids.size > MAX_MIDS) this.mids.delete(this.mids.values().next().value);
+      return false;
     }
 
     _send(frame) {

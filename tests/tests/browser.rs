@@ -553,3 +553,67 @@ async fn a_static_token_still_connects() {
     assert!(with_key(&events, "error").is_empty(), "{events:#?}");
     assert!(web.mints().is_empty(), "a static token needs no getToken()");
 }
+
+/// A server that speaks the protocol as the AWS deployment does, sending a
+/// message twice with its `mid` (Lambda's at-least-once delivery): the
+/// library hands each `mid` to the page once; messages without one (the
+/// self-hosted bridge's) are never taken for copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_a_message_are_dropped_by_their_mid() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let web = Web::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let mut sent = false;
+        while let Some(Ok(msg)) = ws.next().await {
+            let Ok(text) = msg.to_text() else { continue };
+            let Ok(req) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            if req["action"] == "subscribe" {
+                let ack = json!({"type":"ack","id":req["id"]});
+                ws.send(Message::text(ack.to_string())).await.unwrap();
+                // The library may subscribe twice as it opens: send once.
+                if std::mem::replace(&mut sent, true) {
+                    continue;
+                }
+                let frame = |n: u32, mid: Option<&str>| {
+                    let mut f = json!({"type":"message","channel":"fleet/d/telemetry","data":n});
+                    if let Some(mid) = mid {
+                        f["mid"] = json!(mid);
+                    }
+                    Message::text(f.to_string())
+                };
+                for f in [
+                    frame(1, Some("a-1")),
+                    frame(1, Some("a-1")),
+                    frame(2, Some("b-2")),
+                    frame(3, None),
+                    frame(3, None),
+                    frame(1, Some("a-1")),
+                    frame(4, Some("c-4")),
+                ] {
+                    ws.send(f).await.unwrap();
+                }
+            }
+        }
+    });
+    web.set_page(token_page(&addr.to_string(), "{}"));
+    let _browser = Browser::open(&web.page_url());
+    web.wait_for("the last message", WAIT, |ev| {
+        with_key(ev, "message").contains(&&json!(4))
+    })
+    .await;
+    tokio::time::sleep(tests::QUIET).await;
+    let events = web.events();
+    assert_eq!(
+        with_key(&events, "message"),
+        [&json!(1), &json!(2), &json!(3), &json!(3), &json!(4)],
+        "{events:#?}"
+    );
+    server.abort();
+}
