@@ -404,7 +404,10 @@ mod tests {
         assert!(c.pin("#").is_empty());
         assert!(c.add("fleet/#").is_empty(), "served by the pinned #");
         assert!(c.add("#").is_empty());
-        assert!(c.remove("#").is_empty(), "a client letting go of # keeps the pin");
+        assert!(
+            c.remove("#").is_empty(),
+            "a client letting go of # keeps the pin"
+        );
         assert!(c.remove("fleet/#").is_empty());
         assert_eq!(c.elements(), vec!["#"]);
         // `$` topics are outside `#`: they get elements of their own.

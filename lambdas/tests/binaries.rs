@@ -201,7 +201,8 @@ async fn two_browsers_a_device_and_a_gone_connection() {
     assert_eq!(report["delivered"], 2, "{report}");
     let mut posted = d.standin.posted();
     posted.sort_by(|a, b| a.0.cmp(&b.0));
-    let frame = json!({"type":"message","channel":"fleet/d1/telemetry","data":{"temp":21.5},"mid":RULE_ID});
+    let frame =
+        json!({"type":"message","channel":"fleet/d1/telemetry","data":{"temp":21.5},"mid":RULE_ID});
     assert_eq!(
         posted,
         vec![("A".to_string(), frame.clone()), ("B".to_string(), frame)]

@@ -418,8 +418,8 @@ impl Sandbox {
     /// The parameter-override items of every `sam deploy`, in order, as sam
     /// read them (from its command line or its config file).
     fn overrides(&self) -> Vec<Vec<String>> {
-        let text = std::fs::read_to_string(self.dir.join("state/deploys.jsonl"))
-            .unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join("state/deploys.jsonl")).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -513,7 +513,11 @@ fn switching_auth_mode_never_leaves_both_set() {
     s.deploy(&[], SECRET);
     assert_eq!(
         auth(&s.parameters()),
-        ("token".into(), "first-secret-0123456789abcdef0123456789".into(), "".into())
+        (
+            "token".into(),
+            "first-secret-0123456789abcdef0123456789".into(),
+            "".into()
+        )
     );
     // To --jwks-url: the secret is emptied, explicitly (sam would otherwise
     // keep its previous value).
@@ -544,7 +548,11 @@ fn switching_auth_mode_never_leaves_both_set() {
     );
     assert_eq!(
         auth(&s.parameters()),
-        ("token".into(), "second-secret-0123456789abcdef0123456789".into(), "".into())
+        (
+            "token".into(),
+            "second-secret-0123456789abcdef0123456789".into(),
+            "".into()
+        )
     );
     assert_eq!(s.parameters()["JwtIssuer"], "");
     // Off: neither.
@@ -575,13 +583,20 @@ fn the_secret_is_never_on_a_command_line() {
             args.get(i + 1).cloned()
         })
         .expect("sam deploy --config-file");
-    assert!(!std::path::Path::new(&config).exists(), "{config} left behind");
+    assert!(
+        !std::path::Path::new(&config).exists(),
+        "{config} left behind"
+    );
 }
 
 #[test]
 fn a_short_hs256_secret_is_refused_before_anything_is_deployed() {
     let s = Sandbox::new("short");
-    let out = s.run("deploy.sh", &["--region", "eu-west-1"], &[("BRIDGE_JWT_SECRET", "short")]);
+    let out = s.run(
+        "deploy.sh",
+        &["--region", "eu-west-1"],
+        &[("BRIDGE_JWT_SECRET", "short")],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("at least 32"), "{stderr}");
