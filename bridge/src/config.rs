@@ -175,6 +175,13 @@ pub struct ServeArgs {
     #[arg(long, env = "BRIDGE_WRITE_TIMEOUT", value_name = "SECS")]
     pub write_timeout: Option<f64>,
 
+    /// The kernel send buffer of each accepted connection, so that a peer that stops
+    /// reading stalls the bridge's writes (and meets --write-timeout) within seconds
+    /// instead of after the kernel grew the buffer to megabytes; 0 = the kernel's own
+    /// sizing [default: 131072].
+    #[arg(long, env = "BRIDGE_SEND_BUFFER", value_name = "BYTES")]
+    pub send_buffer: Option<usize>,
+
     /// An HTTP request must complete its headers within this time, or its TCP
     /// connection is closed [default: 10].
     #[arg(long, env = "BRIDGE_HEADER_TIMEOUT", value_name = "SECS")]
@@ -265,6 +272,7 @@ pub struct LimitsFile {
     pub request_rate: Option<f64>,
     pub request_burst: Option<f64>,
     pub write_timeout: Option<f64>,
+    pub send_buffer: Option<usize>,
     pub header_timeout: Option<f64>,
     pub max_connections: Option<usize>,
 }
@@ -354,6 +362,8 @@ pub struct Settings {
     pub request_rate: f64,
     pub request_burst: f64,
     pub write_timeout: std::time::Duration,
+    /// Kernel send buffer per accepted connection (0: the kernel's sizing).
+    pub send_buffer: usize,
     pub header_timeout: std::time::Duration,
     pub max_connections: usize,
     pub allowed_origins: Vec<String>,
@@ -574,7 +584,9 @@ impl Settings {
             ));
         }
         let embedded_user = match (
-            args.embedded_broker_user.clone().or(file.mqtt.embedded_user),
+            args.embedded_broker_user
+                .clone()
+                .or(file.mqtt.embedded_user),
             args.embedded_broker_password
                 .clone()
                 .filter(|p| !p.expose().is_empty())
@@ -675,6 +687,10 @@ impl Settings {
                 args.write_timeout.or(file.limits.write_timeout),
                 30.0,
             )?,
+            send_buffer: args
+                .send_buffer
+                .or(file.limits.send_buffer)
+                .unwrap_or(128 * 1024),
             header_timeout: seconds(
                 "header_timeout",
                 args.header_timeout.or(file.limits.header_timeout),

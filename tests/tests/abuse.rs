@@ -204,6 +204,47 @@ both_backends!(
 );
 
 both_backends!(
+    half_open_requests_are_bounded_in_number,
+    |s: Setup| async move {
+        // 700 requests with 12 KiB of headers each that never end, well
+        // within the header timeout (10 s): the bridge keeps at most 512
+        // connections in their HTTP phase, closing the oldest, so their
+        // memory is bounded and an honest client still connects.
+        let addr = s.bridge.ws_url();
+        let addr = addr.trim_start_matches("ws://").trim_end_matches("/ws");
+        let rss_before = s.bridge.rss_kib();
+        let mut slow = Vec::new();
+        for _ in 0..700 {
+            slow.push(half_open(addr, 12 * 1024).await);
+        }
+        let mut honest = s.client().await;
+        honest.subscribe("h/#").await;
+        honest.assert_alive().await;
+        // The newest are still open, the oldest were closed at once.
+        let checks = slow
+            .iter_mut()
+            .map(|c| closed_within(c, Duration::from_millis(500)));
+        let closed = futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|&closed| closed)
+            .count();
+        assert!(
+            (188..=300).contains(&closed),
+            "{closed} of 700 half-open requests closed before their timeout"
+        );
+        let grown_mib = s.bridge.rss_kib().saturating_sub(rss_before) / 1024;
+        assert!(
+            grown_mib < 40,
+            "{grown_mib} MiB more for 700 half-open requests"
+        );
+        let mut dev = s.device("h").await;
+        dev.publish("h/1", "1", 1, false).await;
+        assert_eq!(honest.next_message().await["data"], json!(1));
+    }
+);
+
+both_backends!(
     beyond_the_connection_cap_the_upgrade_gets_503,
     Opts::default().args(["--max-connections", "3"]),
     |s: Setup| async move {
@@ -311,6 +352,51 @@ async fn stalled_readers_are_bounded_in_bytes_and_closed() {
     let opts = || Opts::default().args(["--write-timeout", "2"]);
     slow_readers(Setup::with(Backend::Embedded, opts())).await;
     slow_readers(Setup::with(Backend::Mosquitto, opts())).await;
+}
+
+/// A reader that stops reading under a modest stream of small messages
+/// (about 300 KB/s) is closed by the write deadline within seconds, with the
+/// default send buffer: left to itself the kernel grows a stalled socket's
+/// send buffer to megabytes, so the bridge's writes kept succeeding for tens
+/// of seconds and the reader held that memory until the 90 s ping timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_of_small_messages_meets_the_write_deadline() {
+    let s = Setup::with(
+        Backend::Embedded,
+        Opts::default().args(["--write-timeout", "2"]),
+    );
+    let stalled = stalled_subscriber(&s.bridge.ws_url(), "small/#").await;
+    let mut honest = s.client().await;
+    honest.subscribe("small/+").await;
+    let mut dev = s.device("small").await;
+    let payload = "s".repeat(1000);
+    // 30 messages of 1 KB every 100 ms until the stalled reader is closed;
+    // the honest reader keeps up all along. With a 256 KiB send buffer
+    // (the 128 KiB asked, doubled by Linux) and the write timeout it takes
+    // about 700; left to the kernel's autotuning, over 3,500.
+    let mut sent = 0;
+    while s.bridge.metric("bridge_stalled_closed_total").await < 1.0 {
+        assert!(
+            sent < 2_400,
+            "a stalled reader was still open after {sent} messages of 1 KB"
+        );
+        for _ in 0..30 {
+            dev.publish("small/x", payload.clone(), 0, false).await;
+        }
+        sent += 30;
+        assert_eq!(receive(&mut honest, 30).await, 30);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while s.bridge.metric("bridge_connections").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reader stayed counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    honest.assert_alive().await;
+    drop(stalled);
 }
 
 // ---------------------------------------------------------------- retained replay

@@ -29,9 +29,14 @@ pub struct Lingering {
 }
 
 impl Lingering {
-    pub fn new(stream: TcpStream) -> Self {
+    /// Wraps an accepted stream; `send_buffer` fixes the kernel's send
+    /// buffer (see [`LingerListener`]).
+    pub fn new(stream: TcpStream, send_buffer: Option<usize>) -> Self {
         // Frames are small and latency matters: no Nagle delay.
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = send_buffer {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(bytes);
+        }
         Lingering {
             inner: Some(stream),
         }
@@ -102,15 +107,23 @@ impl AsyncWrite for Lingering {
 }
 
 /// Accepts TCP connections as [`Lingering`] streams.
-pub struct LingerListener(pub TcpListener);
+///
+/// Each gets a fixed kernel send buffer: left to itself, Linux grows it up to
+/// 4 MiB for a peer that stopped reading, which both hides the stall from the
+/// bridge's write deadline (the socket keeps accepting data) and holds memory
+/// outside the bridge's per-connection bound.
+pub struct LingerListener {
+    pub listener: TcpListener,
+    pub send_buffer: Option<usize>,
+}
 
 impl LingerListener {
     /// The next connection; accept errors (out of file descriptors, say) are
     /// logged and retried after a pause.
     pub async fn next(&mut self) -> (Lingering, SocketAddr) {
         loop {
-            match self.0.accept().await {
-                Ok((stream, peer)) => return (Lingering::new(stream), peer),
+            match self.listener.accept().await {
+                Ok((stream, peer)) => return (Lingering::new(stream, self.send_buffer), peer),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -129,6 +142,6 @@ impl axum::serve::Listener for LingerListener {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
+        self.listener.local_addr()
     }
 }

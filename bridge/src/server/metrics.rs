@@ -38,6 +38,7 @@ pub struct Metrics {
     handshakes_refused: Family<Labels, Counter>,
     /// Connections closed because their socket accepted no data in time.
     pub stalled_closed: Counter,
+    pub silent_closed: Counter,
     /// Times the broker was found to end the bridge's session again and
     /// again with nothing in flight (another client with its client id).
     pub broker_takeovers: Counter,
@@ -136,6 +137,13 @@ impl Metrics {
             "Connections closed (1008) because their socket accepted no data in time",
             stalled_closed.clone(),
         );
+        let silent_closed = Counter::default();
+        registry.register(
+            "silent_closed",
+            "Connections closed (1001) because nothing, not even a pong, arrived from them \
+             for three ping intervals",
+            silent_closed.clone(),
+        );
         let broker_takeovers = Counter::default();
         registry.register(
             "broker_takeovers",
@@ -166,6 +174,7 @@ impl Metrics {
             auth_rejected,
             handshakes_refused,
             stalled_closed,
+            silent_closed,
             broker_takeovers,
             latency,
         }

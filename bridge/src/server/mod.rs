@@ -281,17 +281,23 @@ pub async fn run(mut settings: Settings, stop: CancellationToken) -> Result<(), 
         shutdown.cancel();
     });
     let header_timeout = settings.header_timeout;
+    let send_buffer = (settings.send_buffer > 0).then_some(settings.send_buffer);
     match tls {
         Some(config) => {
             let listener =
-                tls::TlsListener::new(listener, config).map_err(|source| StartError::Listen {
-                    addr: local,
-                    source,
+                tls::TlsListener::new(listener, config, send_buffer).map_err(|source| {
+                    StartError::Listen {
+                        addr: local,
+                        source,
+                    }
                 })?;
             http::serve(listener, router, header_timeout, app.shutdown.clone()).await
         }
         None => {
-            let listener = linger::LingerListener(listener);
+            let listener = linger::LingerListener {
+                listener,
+                send_buffer,
+            };
             http::serve(listener, router, header_timeout, app.shutdown.clone()).await
         }
     }

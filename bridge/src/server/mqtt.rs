@@ -411,174 +411,7 @@ impl Link {
         let _ = self.client.disconnect().await;
     }
 
-    // ---- event handling (called by the poll task) ----
-
-    fn on_event(&self, event: Event) {
-        match event {
-            // Retained copies sent because of a (re)subscription are not live
-            // messages; retained replay is the fetcher's job.
-            Event::Incoming(Incoming::Publish(p)) if !p.retain => {
-                self.metrics.mqtt_messages_in.inc();
-                self.hub.deliver(&p.topic, &p.payload, Instant::now());
-            }
-            Event::Incoming(Incoming::ConnAck(ack)) => self.on_connack(ack.session_present),
-            Event::Incoming(Incoming::PubAck(ack)) => {
-                let mut st = self.state.lock();
-                if let Some(reply) = st.publishes.acked(ack.pkid) {
-                    self.metrics.ws_publishes.inc();
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            Event::Incoming(Incoming::SubAck(ack)) => {
-                let mut st = self.state.lock();
-                if let Some(chunk) = st.subscribes.acked(ack.pkid) {
-                    let ok = ack
-                        .return_codes
-                        .iter()
-                        .map(|c| matches!(c, SubscribeReasonCode::Success(_)));
-                    self.on_suback(&mut st, chunk, ok.collect());
-                }
-            }
-            Event::Incoming(Incoming::UnsubAck(ack)) => {
-                let mut st = self.state.lock();
-                if let Some(filter) = st.unsubscribes.acked(ack.pkid) {
-                    if !st.committed.contains(&filter) {
-                        st.broker.remove(&filter);
-                    }
-                }
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                let mut st = self.state.lock();
-                if let Some((id, _)) = &st.collided {
-                    if *id == pkid && !st.publishes.inflight.contains_key(&pkid) {
-                        let (_, reply) = st.collided.take().expect("checked");
-                        st.publishes.inflight.insert(pkid, reply);
-                        return;
-                    }
-                }
-                if let Some(reply) = st.publishes.sent(pkid) {
-                    self.metrics.ws_publishes.inc();
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                let mut st = self.state.lock();
-                if let Some(reply) = st.publishes.fifo.pop_front() {
-                    st.collided = Some((pkid, reply));
-                }
-            }
-            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
-                self.state.lock().subscribes.sent(pkid);
-            }
-            Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
-                self.state.lock().unsubscribes.sent(pkid);
-            }
-            _ => {}
-        }
-    }
-
-    fn on_error(
-        &self,
-        eventloop: &mut EventLoop,
-        error: &ConnectionError,
-        attempt: u32,
-        lasted: Option<Duration>,
-    ) {
-        // Events rumqttc produced but has not returned yet are taken now, so
-        // the correlators know exactly what was sent.
-        let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
-        for event in stale {
-            self.on_event(event);
-        }
-        // The publishes that were on the wire: rumqttc keeps them to re-send
-        // on the next session. A broker that dropped the session because of
-        // one of them would drop it again after every reconnect, for ever, so
-        // they are never re-sent: their clients are told, and may retry.
-        let mut suspects: Vec<(String, usize)> = Vec::new();
-        eventloop.pending.retain(|r| match r {
-            Request::Publish(p) if p.pkid != 0 => {
-                suspects.push((p.topic.clone(), p.payload.len()));
-                false
-            }
-            _ => true,
-        });
-        let mut st = self.state.lock();
-        let was_up = st.connected;
-        st.connected = false;
-        self.up.send_replace(false);
-        self.metrics.broker_up.set(0);
-        let in_flight = !st.publishes.inflight.is_empty()
-            || !st.subscribes.inflight.is_empty()
-            || !st.unsubscribes.inflight.is_empty()
-            || st.batch.is_some();
-        for (_, reply) in st.publishes.inflight.drain() {
-            let _ = reply.send(Err(unavailable(
-                "the MQTT broker closed the bridge's connection before acknowledging this \
-                 publish; it was not re-sent (it may or may not have been published)",
-            )));
-        }
-        if let Some((topic, bytes)) = suspects.first() {
-            tracing::warn!(
-                %error,
-                publishes = suspects.len(),
-                first_topic = %topic,
-                first_bytes = bytes,
-                "the MQTT broker closed the connection with publishes in flight; they are not \
-                 re-sent (their clients get `unavailable`)"
-            );
-        } else if was_up {
-            tracing::warn!(%error, "MQTT connection lost; reconnecting");
-        } else if attempt == 1 || attempt.is_multiple_of(30) {
-            tracing::warn!(%error, attempt, "cannot connect to the MQTT broker; retrying");
-        } else {
-            tracing::debug!(%error, attempt, "MQTT connect failed");
-        }
-        // A session the broker ends again and again soon after CONNACK, with
-        // nothing of ours in flight: most likely another client with our id
-        // (two nodes with the same --mqtt-client-id take the session from
-        // each other). `drive` backs off; say what it is, once.
-        match lasted {
-            Some(t) if t < STABLE && !in_flight && suspects.is_empty() => {
-                st.quiet_drops += 1;
-                if st.quiet_drops == FLAPPING {
-                    self.metrics.broker_takeovers.inc();
-                    tracing::error!(
-                        client_id = %self.client_id,
-                        "the MQTT broker closed the bridge's session {FLAPPING} times in a row \
-                         soon after connecting, with no request in flight: another MQTT client \
-                         is probably connected with the same client id. Give every bridge node \
-                         its own --mqtt-client-id. Reconnecting with a longer backoff."
-                    );
-                }
-            }
-            Some(t) if t >= STABLE => st.quiet_drops = 0,
-            _ => {}
-        }
-        // What rumqttc still holds for the next session (never sent).
-        let count_pending =
-            |f: fn(&Request) -> bool| eventloop.pending.iter().filter(|r| f(r)).count();
-        st.publishes.lost(
-            0,
-            count_pending(|r| matches!(r, Request::Publish(p) if p.pkid == 0)),
-        );
-        st.subscribes
-            .lost(0, count_pending(|r| matches!(r, Request::Subscribe(_))));
-        st.unsubscribes
-            .lost(0, count_pending(|r| matches!(r, Request::Unsubscribe(_))));
-        // Waiting subscribers are told now rather than left hanging.
-        if let Some(batch) = st.batch.take() {
-            for w in batch.waiters {
-                let _ = w.reply.send(Err(unavailable(
-                    "the MQTT connection was lost; retry later",
-                )));
-            }
-        }
-        for w in std::mem::take(&mut st.queue) {
-            let _ = w.reply.send(Err(unavailable(
-                "the MQTT connection was lost; retry later",
-            )));
-        }
-    }
+    // ---- a new session (called through `Events`) ----
 
     fn on_connack(&self, session_present: bool) {
         let mut st = self.state.lock();
@@ -800,10 +633,72 @@ pub trait Events: Send + Sync + 'static {
     );
 }
 
+/// The link's side of its MQTT connection's events (called by the poll task).
 impl Events for Link {
     fn on_event(&self, event: Event) {
-        Link::on_event(self, event);
+        match event {
+            // Retained copies sent because of a (re)subscription are not live
+            // messages; retained replay is the fetcher's job.
+            Event::Incoming(Incoming::Publish(p)) if !p.retain => {
+                self.metrics.mqtt_messages_in.inc();
+                self.hub.deliver(&p.topic, &p.payload, Instant::now());
+            }
+            Event::Incoming(Incoming::ConnAck(ack)) => self.on_connack(ack.session_present),
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                let mut st = self.state.lock();
+                if let Some(reply) = st.publishes.acked(ack.pkid) {
+                    self.metrics.ws_publishes.inc();
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Event::Incoming(Incoming::SubAck(ack)) => {
+                let mut st = self.state.lock();
+                if let Some(chunk) = st.subscribes.acked(ack.pkid) {
+                    let ok = ack
+                        .return_codes
+                        .iter()
+                        .map(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                    self.on_suback(&mut st, chunk, ok.collect());
+                }
+            }
+            Event::Incoming(Incoming::UnsubAck(ack)) => {
+                let mut st = self.state.lock();
+                if let Some(filter) = st.unsubscribes.acked(ack.pkid) {
+                    if !st.committed.contains(&filter) {
+                        st.broker.remove(&filter);
+                    }
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let mut st = self.state.lock();
+                if let Some((id, _)) = &st.collided {
+                    if *id == pkid && !st.publishes.inflight.contains_key(&pkid) {
+                        let (_, reply) = st.collided.take().expect("checked");
+                        st.publishes.inflight.insert(pkid, reply);
+                        return;
+                    }
+                }
+                if let Some(reply) = st.publishes.sent(pkid) {
+                    self.metrics.ws_publishes.inc();
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                let mut st = self.state.lock();
+                if let Some(reply) = st.publishes.fifo.pop_front() {
+                    st.collided = Some((pkid, reply));
+                }
+            }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                self.state.lock().subscribes.sent(pkid);
+            }
+            Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
+                self.state.lock().unsubscribes.sent(pkid);
+            }
+            _ => {}
+        }
     }
+
     fn on_error(
         &self,
         eventloop: &mut EventLoop,
@@ -811,7 +706,100 @@ impl Events for Link {
         attempt: u32,
         lasted: Option<Duration>,
     ) {
-        Link::on_error(self, eventloop, error, attempt, lasted);
+        // Events rumqttc produced but has not returned yet are taken now, so
+        // the correlators know exactly what was sent.
+        let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+        for event in stale {
+            self.on_event(event);
+        }
+        // The publishes that were on the wire: rumqttc keeps them to re-send
+        // on the next session. A broker that dropped the session because of
+        // one of them would drop it again after every reconnect, for ever, so
+        // they are never re-sent: their clients are told, and may retry.
+        let mut suspects: Vec<(String, usize)> = Vec::new();
+        eventloop.pending.retain(|r| match r {
+            Request::Publish(p) if p.pkid != 0 => {
+                suspects.push((p.topic.clone(), p.payload.len()));
+                false
+            }
+            _ => true,
+        });
+        let mut st = self.state.lock();
+        let was_up = st.connected;
+        st.connected = false;
+        self.up.send_replace(false);
+        self.metrics.broker_up.set(0);
+        let in_flight = !st.publishes.inflight.is_empty()
+            || !st.subscribes.inflight.is_empty()
+            || !st.unsubscribes.inflight.is_empty()
+            || st.batch.is_some();
+        for (_, reply) in st.publishes.inflight.drain() {
+            let _ = reply.send(Err(unavailable(
+                "the MQTT broker closed the bridge's connection before acknowledging this \
+                 publish; it was not re-sent (it may or may not have been published)",
+            )));
+        }
+        if let Some((topic, bytes)) = suspects.first() {
+            tracing::warn!(
+                %error,
+                publishes = suspects.len(),
+                first_topic = %topic,
+                first_bytes = bytes,
+                "the MQTT broker closed the connection with publishes in flight; they are not \
+                 re-sent (their clients get `unavailable`)"
+            );
+        } else if was_up {
+            tracing::warn!(%error, "MQTT connection lost; reconnecting");
+        } else if attempt == 1 || attempt.is_multiple_of(30) {
+            tracing::warn!(%error, attempt, "cannot connect to the MQTT broker; retrying");
+        } else {
+            tracing::debug!(%error, attempt, "MQTT connect failed");
+        }
+        // A session the broker ends again and again soon after CONNACK, with
+        // nothing of ours in flight: most likely another client with our id
+        // (two nodes with the same --mqtt-client-id take the session from
+        // each other). `drive` backs off; say what it is, once.
+        match lasted {
+            Some(t) if t < STABLE && !in_flight && suspects.is_empty() => {
+                st.quiet_drops += 1;
+                if st.quiet_drops == FLAPPING {
+                    self.metrics.broker_takeovers.inc();
+                    tracing::error!(
+                        client_id = %self.client_id,
+                        "the MQTT broker closed the bridge's session {FLAPPING} times in a row \
+                         soon after connecting, with no request in flight: another MQTT client \
+                         is probably connected with the same client id. Give every bridge node \
+                         its own --mqtt-client-id. Reconnecting with a longer backoff."
+                    );
+                }
+            }
+            Some(t) if t >= STABLE => st.quiet_drops = 0,
+            _ => {}
+        }
+        // What rumqttc still holds for the next session (never sent).
+        let count_pending =
+            |f: fn(&Request) -> bool| eventloop.pending.iter().filter(|r| f(r)).count();
+        st.publishes.lost(
+            0,
+            count_pending(|r| matches!(r, Request::Publish(p) if p.pkid == 0)),
+        );
+        st.subscribes
+            .lost(0, count_pending(|r| matches!(r, Request::Subscribe(_))));
+        st.unsubscribes
+            .lost(0, count_pending(|r| matches!(r, Request::Unsubscribe(_))));
+        // Waiting subscribers are told now rather than left hanging.
+        if let Some(batch) = st.batch.take() {
+            for w in batch.waiters {
+                let _ = w.reply.send(Err(unavailable(
+                    "the MQTT connection was lost; retry later",
+                )));
+            }
+        }
+        for w in std::mem::take(&mut st.queue) {
+            let _ = w.reply.send(Err(unavailable(
+                "the MQTT connection was lost; retry later",
+            )));
+        }
     }
 }
 

@@ -216,7 +216,13 @@ impl Retained {
             }
         }
     }
+}
 
+fn unavailable() -> LinkError {
+    LinkError::Unavailable("the MQTT broker is not connected; retry later".into())
+}
+
+impl Events for Retained {
     fn on_event(&self, event: Event) {
         let mut st = self.state.lock();
         match event {
@@ -257,16 +263,6 @@ impl Retained {
             }
             _ => {}
         }
-    }
-}
-
-fn unavailable() -> LinkError {
-    LinkError::Unavailable("the MQTT broker is not connected; retry later".into())
-}
-
-impl Events for Retained {
-    fn on_event(&self, event: Event) {
-        Retained::on_event(self, event);
     }
     fn on_error(&self, _: &mut EventLoop, error: &ConnectionError, _: u32, _: Option<Duration>) {
         let mut st = self.state.lock();

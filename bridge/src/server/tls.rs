@@ -51,11 +51,18 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        send_buffer: Option<usize>,
+    ) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);
-        let mut tcp = LingerListener(tcp);
+        let mut tcp = LingerListener {
+            listener: tcp,
+            send_buffer,
+        };
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tcp.next().await;

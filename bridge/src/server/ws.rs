@@ -251,6 +251,8 @@ async fn connection(mut socket: Socket, app: Arc<App>, credentials: Credentials,
             }
             _ = keepalive.tick() => {
                 if last_heard.elapsed() > 3 * KEEPALIVE {
+                    app.metrics.silent_closed.inc();
+                    tracing::info!(conn = id, "closed a connection that answered no pings");
                     break Closing::Close(1001, "no answer to pings");
                 }
                 if let Err(b) = socket.ping().await {
