@@ -1,12 +1,14 @@
-//! The `bridge serve` process under test: how it is started (`Opts`), where
-//! it listens, and what can be read from outside it (logs, `/metrics`, RSS,
-//! its exit status).
+//! The server process under test: how it is started (`Opts`), where it
+//! listens, and what can be read from outside it (logs, `/metrics`, RSS, its
+//! exit status). Usually `bridge serve`; for the AWS backend the
+//! `aws-local serve` process that plays API Gateway (see `awslocal`), which
+//! has no `/metrics`.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::http::http_get;
 use crate::mosquitto::Mosquitto;
@@ -43,8 +45,12 @@ pub struct Bridge {
 /// Options for starting a bridge.
 #[derive(Default, Clone)]
 pub struct Opts {
+    /// `bridge serve` flags.
     pub args: Vec<String>,
+    /// Environment of the server (either kind).
     pub env: Vec<(String, String)>,
+    /// `aws-local serve` flags (e.g. `--parameter MaxSubscriptions=3`).
+    pub aws_args: Vec<String>,
 }
 
 impl Opts {
@@ -58,6 +64,10 @@ impl Opts {
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn aws_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.aws_args.extend(a.into_iter().map(Into::into));
         self
     }
 
@@ -169,6 +179,24 @@ impl Bridge {
         }
     }
 
+    /// A server process started elsewhere (aws-local), listening on `addr`,
+    /// its output collected in `logs`.
+    pub(crate) fn adopt(
+        child: Child,
+        addr: SocketAddr,
+        mqtt_port: u16,
+        topic_prefix: Option<String>,
+        logs: std::sync::Arc<std::sync::Mutex<String>>,
+    ) -> Bridge {
+        Bridge {
+            addr,
+            mqtt_port,
+            topic_prefix,
+            child,
+            stderr: logs,
+        }
+    }
+
     /// The broker topic prefix web clients never see (channel `a/b` is the
     /// MQTT topic `PREFIX/a/b`), if the bridge was started with one.
     pub fn topic_prefix(&self) -> Option<&str> {
@@ -213,20 +241,7 @@ impl Bridge {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bridge did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::processes::terminate(&mut self.child, "bridge")
     }
 }
 

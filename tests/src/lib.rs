@@ -1,13 +1,14 @@
 //! Black-box test harness: starts real processes (the `bridge` binary, a
 //! Mosquitto of its own on a free port, a RabbitMQ node shared by the tests of
-//! one binary, `bridge simulate`, headless Chromium) and talks to them over
-//! real sockets with ordinary clients (tokio-tungstenite for the browser
-//! side, rumqttc for devices, the DevTools protocol for Chromium). Nothing
-//! here knows the bridge's internals.
+//! one binary, `bridge simulate`, headless Chromium, the AWS deployment under
+//! `aws-local`) and talks to them over real sockets with ordinary clients
+//! (tokio-tungstenite for the browser side, rumqttc for devices, the DevTools
+//! protocol for Chromium). Nothing here knows the bridge's internals.
 //!
 //! One module per concept; everything is re-exported here, so tests write
 //! `use tests::{Setup, Client, ...}`.
 
+mod awslocal;
 mod bridge;
 mod browser;
 mod client;
@@ -19,8 +20,10 @@ mod processes;
 mod rabbitmq;
 mod setup;
 mod simulator;
+mod stalled;
 mod tokens;
 
+pub use awslocal::aws_local_bin;
 pub use bridge::{bridge_bin, Bridge, Opts};
 pub use browser::{chromium, Browser, Page, Problem};
 pub use client::{Client, Frame};
@@ -32,4 +35,5 @@ pub use processes::{free_port, QUIET, WAIT};
 pub use rabbitmq::RabbitMq;
 pub use setup::{Backend, Setup};
 pub use simulator::Simulator;
+pub use stalled::stalled_ws;
 pub use tokens::{hs256_token, now};

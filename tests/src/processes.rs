@@ -3,7 +3,7 @@
 //! patience (`WAIT` for what should happen, `QUIET` for what should not).
 
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// Makes a child die with the test process (a killed or timed-out test run
@@ -42,4 +42,23 @@ pub(crate) fn wait_connectable(port: u16, what: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{what} did not listen on port {port} within {WAIT:?}");
+}
+
+/// Sends `child` SIGTERM and waits (at most [`WAIT`]) for its exit status.
+pub(crate) fn terminate(child: &mut Child, what: &str) -> ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

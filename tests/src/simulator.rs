@@ -126,20 +126,7 @@ impl Simulator {
 
     /// SIGTERM, and its exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bridge simulate did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::processes::terminate(&mut self.child, "bridge simulate")
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tests::{both_backends, Backend, Bridge, Client, Mosquitto, Opts, Setup, WAIT};
+use tests::{both_backends, stalled_ws, Backend, Bridge, Client, Mosquitto, Opts, Setup, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -18,15 +18,7 @@ async fn stalled_subscriber(
     url: &str,
     channel: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let addr: std::net::SocketAddr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches("/ws")
-        .parse()
-        .unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let mut ws = stalled_ws(url).await;
     let sub = json!({"action":"subscribe","channel":channel,"id":1}).to_string();
     ws.send(Message::text(sub)).await.unwrap();
     let ack = ws.next().await.unwrap().unwrap();

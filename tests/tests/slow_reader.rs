@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{Backend, Setup};
+use tests::{stalled_ws, Backend, Setup};
 use tokio_tungstenite::tungstenite::Message;
 
 const BURST: usize = 20_000;
@@ -13,21 +13,6 @@ const PAYLOAD: usize = 2048;
 /// Most messages the device may be ahead of the fast reader: well within
 /// its queue's bounds (1,024 frames, 1 MiB: 256 frames of 2 KiB are 0.5 MiB).
 const WINDOW: u64 = 256;
-
-/// A WebSocket client with a tiny receive buffer, so the kernel cannot hide
-/// the backlog from the server.
-async fn slow_client(url: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let addr: std::net::SocketAddr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches("/ws")
-        .parse()
-        .unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
-    ws
-}
 
 /// Both backends, one after the other: two 20,000-message bursts at once
 /// would measure the 2-core machine, not the bridge.
@@ -49,7 +34,7 @@ fn counter(frame: &str) -> Option<u64> {
 
 async fn slow_reader(s: Setup) {
     use futures_util::{SinkExt, StreamExt};
-    let mut slow = slow_client(&s.bridge.ws_url()).await;
+    let mut slow = stalled_ws(&s.bridge.ws_url()).await;
     slow.send(Message::text(
         r#"{"action":"subscribe","channel":"burst/#","id":1}"#,
     ))
