@@ -18,6 +18,9 @@
 //! environment once, [`aws`] builds the SDK clients once per process,
 //! [`calls`] counts the requests they make and [`emf`] reports counts as
 //! CloudWatch Embedded Metric Format lines.
+//!
+//! With the `local` feature (default), [`local`] is `aws-local`: the
+//! deployment on one machine, around the unmodified function binaries.
 
 pub mod authorizer;
 pub mod aws;
@@ -31,6 +34,8 @@ pub mod handler;
 pub mod invoke;
 pub mod iot;
 pub mod keys;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod lookup;
 pub mod parts;
 pub mod sender;

@@ -28,6 +28,9 @@ pub struct Client {
     next_id: u64,
     /// Frames read while waiting for a reply, in order.
     backlog: std::collections::VecDeque<Value>,
+    /// On AWS, the message ids (`mid`) seen so far: see
+    /// [`Client::with_message_ids`].
+    mids: Option<std::collections::HashSet<String>>,
 }
 
 impl Client {
@@ -49,12 +52,51 @@ impl Client {
                 ws,
                 next_id: 1,
                 backlog: Default::default(),
+                mids: None,
             }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 Err(format!("HTTP {}", resp.status().as_u16()))
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Handles message ids as PROTOCOL.md tells a client of the AWS
+    /// deployment to: every live `message` must carry a valid `mid` (a
+    /// retained one none), a message whose `mid` was seen is dropped, and
+    /// the `mid` is taken off, so the frames compare with the self-hosted
+    /// bridge's.
+    pub fn with_message_ids(mut self) -> Client {
+        self.mids = Some(Default::default());
+        self
+    }
+
+    /// A frame as the test sees it (None: a duplicate, dropped).
+    fn admit(&mut self, mut v: Value) -> Option<Value> {
+        let Some(seen) = &mut self.mids else {
+            return Some(v);
+        };
+        if v["type"] != "message" {
+            return Some(v);
+        }
+        let Some(obj) = v.as_object_mut() else {
+            return Some(v);
+        };
+        let mid = obj.remove("mid");
+        if obj.get("retained") == Some(&Value::Bool(true)) {
+            assert!(mid.is_none(), "a retained message with a mid: {v}");
+            return Some(v);
+        }
+        let mid = match mid {
+            Some(Value::String(m))
+                if (1..=64).contains(&m.len())
+                    && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+            {
+                m
+            }
+            other => panic!("a live message without a valid mid ({other:?}): {v}"),
+        };
+        seen.insert(mid).then_some(v)
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -67,6 +109,20 @@ impl Client {
 
     pub async fn send_binary(&mut self, data: Vec<u8>) {
         self.ws.send(Message::binary(data)).await.unwrap();
+    }
+
+    /// Sends `text` as one message in frames of at most `fragment` bytes
+    /// (browsers send one frame; other clients fragment).
+    pub async fn send_fragmented(&mut self, text: &str, fragment: usize) {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        let chunks: Vec<&[u8]> = text.as_bytes().chunks(fragment.max(1)).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let opcode = if i == 0 { Data::Text } else { Data::Continue };
+            let last = i + 1 == chunks.len();
+            let frame = WsFrame::message(chunk.to_vec(), OpCode::Data(opcode), last);
+            self.ws.send(Message::Frame(frame)).await.unwrap();
+        }
     }
 
     /// The next frame (backlog first), or None after `within`.
@@ -89,7 +145,10 @@ impl Client {
                 Some(Ok(Message::Text(t))) => {
                     let v: Value = serde_json::from_str(&t)
                         .unwrap_or_else(|e| panic!("server sent non-JSON {t:?}: {e}"));
-                    return Some(Frame::Json(v));
+                    match self.admit(v) {
+                        Some(v) => return Some(Frame::Json(v)),
+                        None => continue,
+                    }
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Some(Frame::Close(frame.map(|f: CloseFrame| u16::from(f.code))));
@@ -183,6 +242,15 @@ impl Client {
         let f = self.next_json().await;
         assert_eq!(f["type"], "message", "expected a message, got {f}");
         f
+    }
+
+    /// The next `n` frames, each of which must be a `message`.
+    pub async fn next_messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_message().await);
+        }
+        out
     }
 
     /// Asserts nothing arrives for QUIET.

@@ -1,7 +1,11 @@
 //! A test's broker-and-bridge pair (`Setup`, chosen by `Backend`) and the
 //! macros that run one test body against each backend: `all_backends!`
 //! (embedded, Mosquitto, RabbitMQ) and `both_backends!` (embedded and
-//! Mosquitto, for tests that do not apply to RabbitMQ; say why where used).
+//! Mosquitto, for tests that do not apply to RabbitMQ; say why where used);
+//! `all_backends_and_aws!` and `both_backends_and_aws!` add the AWS
+//! deployment (`aws_local`: the Lambdas behind aws-local, on a Mosquitto),
+//! for the tests that hold there too. Where AWS differs by design (see
+//! tests/tests/aws_local.rs), the difference has its own test.
 //!
 //! Every RabbitMQ setup shares the test binary's one node and gets a topic
 //! prefix of its own (`--topic-prefix`), so tests that run at the same time
@@ -10,6 +14,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use serde_json::Value;
+
+use crate::awslocal;
 use crate::bridge::{Bridge, Opts};
 use crate::client::Client;
 use crate::device::Device;
@@ -23,6 +30,18 @@ pub enum Backend {
     Mosquitto,
     /// RabbitMQ's MQTT plugin, shared by the tests of one test binary.
     RabbitMq,
+    /// The AWS deployment: the Lambda binaries behind `aws-local serve`, on
+    /// a Mosquitto of the test's own.
+    AwsLocal,
+}
+
+impl Backend {
+    /// Whether messages from one publisher on one topic arrive in order.
+    /// Not on AWS: every device message is its own asynchronous invocation
+    /// of iot-fanout, and several run at once.
+    pub fn keeps_order(self) -> bool {
+        self != Backend::AwsLocal
+    }
 }
 
 /// One broker and one bridge on it.
@@ -47,6 +66,15 @@ impl Setup {
             Backend::Mosquitto => {
                 let m = Mosquitto::start();
                 let bridge = Bridge::external(&m, opts);
+                Setup {
+                    backend,
+                    mosquitto: Some(m),
+                    bridge,
+                }
+            }
+            Backend::AwsLocal => {
+                let m = Mosquitto::start();
+                let bridge = awslocal::spawn(&opts, &m);
                 Setup {
                     backend,
                     mosquitto: Some(m),
@@ -83,10 +111,33 @@ impl Setup {
         if backends.contains(&Backend::RabbitMq) {
             RabbitMq::warm_up();
         }
+        if backends.contains(&Backend::AwsLocal) {
+            awslocal::warm_up();
+        }
     }
 
+    /// Asserts that `got` are the `expected` messages: in that order where
+    /// the backend keeps order, in any order (each once) where it does not.
+    pub fn assert_same_messages(&self, got: Vec<Value>, expected: Vec<Value>) {
+        if self.backend.keeps_order() {
+            assert_eq!(got, expected);
+        } else {
+            let sorted = |mut v: Vec<Value>| {
+                v.sort_by_key(|x| x.to_string());
+                v
+            };
+            assert_eq!(sorted(got), sorted(expected), "(in any order)");
+        }
+    }
+
+    /// A client of the server; on AWS one that handles message ids (see
+    /// [`Client::with_message_ids`]).
     pub async fn client(&self) -> Client {
-        Client::connect(&self.bridge.ws_url()).await
+        let c = Client::connect(&self.bridge.ws_url()).await;
+        match self.backend {
+            Backend::AwsLocal => c.with_message_ids(),
+            _ => c,
+        }
     }
 
     pub async fn device(&self, id: &str) -> Device {
@@ -115,6 +166,28 @@ macro_rules! both_backends {
     };
     ($name:ident, $opts:expr, $body:expr) => {
         $crate::backend_tests!($name, $opts, $body, embedded: Embedded, mosquitto: Mosquitto);
+    };
+}
+
+/// `all_backends!` and the AWS deployment (`aws_local`).
+#[macro_export]
+macro_rules! all_backends_and_aws {
+    ($name:ident, $body:expr) => {
+        $crate::backend_tests!($name, $crate::Opts::default(), $body, embedded: Embedded, mosquitto: Mosquitto, rabbitmq: RabbitMq, aws_local: AwsLocal);
+    };
+    ($name:ident, $opts:expr, $body:expr) => {
+        $crate::backend_tests!($name, $opts, $body, embedded: Embedded, mosquitto: Mosquitto, rabbitmq: RabbitMq, aws_local: AwsLocal);
+    };
+}
+
+/// `both_backends!` and the AWS deployment (`aws_local`).
+#[macro_export]
+macro_rules! both_backends_and_aws {
+    ($name:ident, $body:expr) => {
+        $crate::backend_tests!($name, $crate::Opts::default(), $body, embedded: Embedded, mosquitto: Mosquitto, aws_local: AwsLocal);
+    };
+    ($name:ident, $opts:expr, $body:expr) => {
+        $crate::backend_tests!($name, $opts, $body, embedded: Embedded, mosquitto: Mosquitto, aws_local: AwsLocal);
     };
 }
 

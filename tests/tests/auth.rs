@@ -33,6 +33,7 @@ async fn refused(url: &str, bearer: Option<&str>) {
     }
 }
 
+// Not on AWS: a bad token gets the authorizer's Deny, 403 (aws_local.rs).
 async fn handshake(backend: Backend) {
     let s = secured(backend);
     let url = s.bridge.ws_url();
@@ -179,6 +180,12 @@ async fn permissions_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissions_mosquitto() {
     permissions(Backend::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_aws_local() {
+    Setup::warm_up(&[Backend::AwsLocal]);
+    permissions(Backend::AwsLocal).await;
 }
 
 /// Generates a key with openssl and returns (PKCS#8 PEM, its public JWK).

@@ -21,7 +21,7 @@ pub mod pool;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,14 +29,13 @@ use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub const REGION: &str = "us-east-1";
 pub const STAGE: &str = "test";
@@ -94,132 +93,73 @@ pub struct Moto {
     pub endpoint: String,
 }
 
-/// moto's server for this test process (started on first use, stopped when
-/// the process exits).
+/// Runs `serve` on a thread of its own with a runtime of its own, for the
+/// rest of the process (what it starts dies with that thread, which never
+/// ends); what it sends back.
+fn for_the_process<T, F, Fut>(name: &str, serve: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(std::sync::mpsc::Sender<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                serve(tx).await;
+                std::future::pending::<()>().await
+            });
+        })
+        .expect("a thread");
+    rx.recv().expect("the thread answers")
+}
+
+/// moto's server for this test process (`lambdas::local::dynamodb::Moto`,
+/// started on first use, stopped when the process exits).
 pub fn moto() -> &'static Moto {
     static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(start_moto)
-}
-
-fn start_moto() -> Moto {
-    for _ in 0..3 {
-        let port = free_port();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The child dies with this thread (PR_SET_PDEATHSIG), which lives
-        // as long as the test process.
-        std::thread::spawn(move || {
-            let mut cmd = Command::new("moto_server");
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            die_with_parent(&mut cmd);
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    let _ = tx.send(Ok(()));
-                    let _ = child.wait();
+    MOTO.get_or_init(|| {
+        let started = for_the_process("moto", |tx| async move {
+            match lambdas::local::dynamodb::Moto::start(None).await {
+                Ok(moto) => {
+                    let _ = tx.send(Ok(moto.endpoint.clone()));
+                    // Kept for the process's life.
+                    std::future::pending::<()>().await;
+                    drop(moto);
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.send(Err(e.to_string()));
                 }
             }
-            loop {
-                std::thread::park();
-            }
         });
-        match rx.recv().expect("moto thread") {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "moto_server is not on PATH: the Lambda tests need moto's server for DynamoDB. \
-                 Install it with: pip install 'moto[server]'"
-            ),
-            Err(e) => panic!("cannot start moto_server: {e}"),
+        match started {
+            Ok(endpoint) => Moto { endpoint },
+            Err(e) => panic!("the Lambda tests need moto's server for DynamoDB: {e}"),
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Moto {
-                    endpoint: format!("http://127.0.0.1:{port}"),
-                };
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    panic!("moto_server did not start listening within 30 s (pip install 'moto[server]')");
+    })
 }
 
-/// moto behind a proxy that passes one request at a time, for this process.
-///
-/// moto's server is threaded, and its `TransactWriteItems` undoes a cancelled
-/// transaction by restoring a copy of the whole table taken before it: two
-/// transactions at once can erase each other's writes, which DynamoDB's
-/// isolation never does. One request at a time gives moto the isolation the
-/// code relies on, while the functions still send their requests concurrently.
+/// moto behind aws-local's proxy that passes one request at a time
+/// (`lambdas::local::dynamodb::serializing_proxy` says why), for this process.
 pub fn dynamodb_endpoint() -> &'static str {
     static PROXY: OnceLock<String> = OnceLock::new();
-    PROXY.get_or_init(|| serializing_proxy(moto().endpoint.clone()))
-}
-
-fn serializing_proxy(upstream: String) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("proxy runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let client = reqwest::Client::new();
-            let turn = Arc::new(tokio::sync::Mutex::new(()));
-            let app = Router::new().fallback(
-                move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                    let (client, turn, upstream) = (client.clone(), turn.clone(), upstream.clone());
-                    async move {
-                        let _one_at_a_time = turn.lock().await;
-                        let mut forwarded = reqwest::header::HeaderMap::new();
-                        for (k, v) in headers.iter() {
-                            if !matches!(
-                                k.as_str(),
-                                "host" | "content-length" | "connection" | "transfer-encoding"
-                            ) {
-                                forwarded.insert(k.clone(), v.clone());
-                            }
-                        }
-                        let url = format!(
-                            "{upstream}{}",
-                            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-                        );
-                        match client
-                            .request(method, url)
-                            .headers(forwarded)
-                            .body(body)
-                            .send()
-                            .await
-                        {
-                            Ok(resp) => {
-                                let status = resp.status();
-                                let mut out = HeaderMap::new();
-                                for (k, v) in resp.headers().iter() {
-                                    if !matches!(
-                                        k.as_str(),
-                                        "content-length" | "connection" | "transfer-encoding"
-                                    ) {
-                                        out.insert(k.clone(), v.clone());
-                                    }
-                                }
-                                let body = resp.bytes().await.unwrap_or_default();
-                                (status, out, body).into_response()
-                            }
-                            Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-                        }
-                    }
-                },
-            );
-            let _ = axum::serve(listener, app).await;
-        });
-    });
-    let addr: SocketAddr = rx.recv().expect("proxy address");
-    format!("http://{addr}")
+    PROXY.get_or_init(|| {
+        let upstream = moto().endpoint.clone();
+        for_the_process("dynamodb-proxy", |tx| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a free port");
+            let endpoint = lambdas::local::dynamodb::serializing_proxy(upstream, listener)
+                .await
+                .expect("the proxy");
+            let _ = tx.send(endpoint);
+        })
+    })
 }
 
 /// An SDK configuration for a local endpoint, with dummy credentials.
@@ -256,62 +196,31 @@ pub fn aws_env(moto: &str, standin: &StandIn) -> Vec<(String, String)> {
 
 static TABLES: AtomicU64 = AtomicU64::new(0);
 
-/// Creates a fresh table from `ConnectionsTable` in infra/template.yaml:
-/// its key schema, attribute definitions, billing mode and TTL attribute.
+/// Creates a fresh table from `ConnectionsTable` in infra/template.yaml, as
+/// aws-local creates it (`lambdas::local::dynamodb::create_table`).
 pub async fn create_table(client: &aws_sdk_dynamodb::Client) -> String {
-    use aws_sdk_dynamodb::types::{
-        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        TimeToLiveSpecification,
-    };
-    let t = template();
-    let table = &t["Resources"]["ConnectionsTable"];
-    assert_eq!(table["Type"].as_str(), Some("AWS::DynamoDB::Table"));
-    let props = &table["Properties"];
+    use lambdas::local::{dynamodb, parameters, template};
     let name = format!(
         "bridge-{}-{}",
         std::process::id(),
         TABLES.fetch_add(1, Ordering::SeqCst)
     );
-    let mut create = client.create_table().table_name(&name);
-    for a in props["AttributeDefinitions"]
-        .as_sequence()
-        .expect("AttributeDefinitions")
-    {
-        create = create.attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(a["AttributeName"].as_str().unwrap())
-                .attribute_type(ScalarAttributeType::from(
-                    a["AttributeType"].as_str().unwrap(),
-                ))
-                .build()
-                .unwrap(),
-        );
-    }
-    for k in props["KeySchema"].as_sequence().expect("KeySchema") {
-        create = create.key_schema(
-            KeySchemaElement::builder()
-                .attribute_name(k["AttributeName"].as_str().unwrap())
-                .key_type(KeyType::from(k["KeyType"].as_str().unwrap()))
-                .build()
-                .unwrap(),
-        );
-    }
-    create = create.billing_mode(BillingMode::from(props["BillingMode"].as_str().unwrap()));
-    create.send().await.expect("CreateTable on moto");
-    let ttl = &props["TimeToLiveSpecification"];
-    client
-        .update_time_to_live()
-        .table_name(&name)
-        .time_to_live_specification(
-            TimeToLiveSpecification::builder()
-                .attribute_name(ttl["AttributeName"].as_str().unwrap())
-                .enabled(ttl["Enabled"].as_bool().unwrap())
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .expect("UpdateTimeToLive on moto");
+    let text = std::fs::read_to_string(template_path()).expect("read infra/template.yaml");
+    let (params, _) = parameters::resolve(&text, &|_| None, &[], REGION).expect("parameters");
+    let names = template::Names {
+        region: REGION.into(),
+        account: "123456789012".into(),
+        stack: "test".into(),
+        api_id: "abcd1234".into(),
+        table: name.clone(),
+    };
+    let table = template::read_table(&text, &params, &names).expect("the template's table");
+    assert!(
+        dynamodb::create_table(client, &table)
+            .await
+            .expect("CreateTable on moto"),
+        "{name} existed"
+    );
     name
 }
 
@@ -712,142 +621,8 @@ async fn standin(
 
 // ------------------------------------------------------------------ Lambda Runtime API
 
-type Outcome = Result<Value, Value>;
-
-/// The request id that tells [`next`] to end the function's loop.
-const SHUTDOWN: &str = "shutdown";
-
-struct RuntimeState {
-    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>,
-    waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
-    first_next: Mutex<Option<Instant>>,
-}
-
-/// A local Lambda Runtime API for one function.
-pub struct RuntimeApi {
-    pub addr: SocketAddr,
-    state: Arc<RuntimeState>,
-    events: mpsc::UnboundedSender<(String, Value)>,
-    next_id: AtomicU64,
-}
-
-impl RuntimeApi {
-    pub async fn start() -> RuntimeApi {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state = Arc::new(RuntimeState {
-            queue: tokio::sync::Mutex::new(rx),
-            waiting: Mutex::new(HashMap::new()),
-            first_next: Mutex::new(None),
-        });
-        let app = Router::new()
-            .route("/2018-06-01/runtime/invocation/next", get(next))
-            .route(
-                "/2018-06-01/runtime/invocation/{id}/response",
-                post(respond),
-            )
-            .route("/2018-06-01/runtime/invocation/{id}/error", post(fail))
-            .route("/2018-06-01/runtime/init/error", post(init_error))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        RuntimeApi {
-            addr,
-            state,
-            events: tx,
-            next_id: AtomicU64::new(1),
-        }
-    }
-
-    /// Invokes the function with `event`: its response, or its error.
-    pub async fn invoke(&self, event: Value) -> Outcome {
-        let id = format!("req-{}", self.next_id.fetch_add(1, Ordering::SeqCst));
-        let (tx, rx) = oneshot::channel();
-        self.state.waiting.lock().unwrap().insert(id.clone(), tx);
-        self.events.send((id, event)).expect("runtime queue");
-        tokio::time::timeout(Duration::from_secs(60), rx)
-            .await
-            .expect("the function answers within 60 s")
-            .expect("an answer")
-    }
-
-    /// Answers the function's next `/next` with an error, which ends its loop.
-    pub fn shutdown(&self) {
-        let _ = self.events.send((SHUTDOWN.to_string(), Value::Null));
-    }
-
-    /// When the function first asked for an event.
-    pub fn first_next(&self) -> Option<Instant> {
-        *self.state.first_next.lock().unwrap()
-    }
-}
-
-async fn next(State(state): State<Arc<RuntimeState>>) -> Response {
-    {
-        let mut first = state.first_next.lock().unwrap();
-        if first.is_none() {
-            *first = Some(Instant::now());
-        }
-    }
-    let Some((id, event)) = state.queue.lock().await.recv().await else {
-        return StatusCode::GONE.into_response();
-    };
-    if id == SHUTDOWN {
-        // lambda_runtime's loop ends on an error from /next.
-        return StatusCode::GONE.into_response();
-    }
-    let deadline = (now_millis() + 60_000).to_string();
-    let mut headers = HeaderMap::new();
-    headers.insert("lambda-runtime-aws-request-id", id.parse().unwrap());
-    headers.insert("lambda-runtime-deadline-ms", deadline.parse().unwrap());
-    headers.insert(
-        "lambda-runtime-invoked-function-arn",
-        "arn:aws:lambda:us-east-1:123456789012:function:test"
-            .parse()
-            .unwrap(),
-    );
-    headers.insert(
-        "lambda-runtime-trace-id",
-        "Root=1-00000000-000000000000000000000000".parse().unwrap(),
-    );
-    headers.insert("content-type", "application/json".parse().unwrap());
-    (StatusCode::OK, headers, event.to_string()).into_response()
-}
-
-fn answer(state: &RuntimeState, id: &str, outcome: Outcome) -> StatusCode {
-    match state.waiting.lock().unwrap().remove(id) {
-        Some(tx) => {
-            let _ = tx.send(outcome);
-            StatusCode::ACCEPTED
-        }
-        None => StatusCode::BAD_REQUEST,
-    }
-}
-
-async fn respond(
-    State(state): State<Arc<RuntimeState>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> StatusCode {
-    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    answer(&state, &id, Ok(v))
-}
-
-async fn fail(
-    State(state): State<Arc<RuntimeState>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> StatusCode {
-    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    answer(&state, &id, Err(v))
-}
-
-/// An init error is acknowledged, as the real Runtime API does.
-async fn init_error() -> StatusCode {
-    StatusCode::ACCEPTED
-}
+/// aws-local's Runtime API, one environment of its own per process here.
+pub use lambdas::local::runtime_api::{Outcome, RuntimeApi};
 
 /// A Lambda binary running against a [`RuntimeApi`]; killed on drop.
 pub struct LambdaProcess {
@@ -912,7 +687,9 @@ impl LambdaProcess {
     }
 
     pub async fn invoke(&self, event: Value) -> Outcome {
-        self.runtime.invoke(event).await
+        tokio::time::timeout(Duration::from_secs(60), self.runtime.invoke(event))
+            .await
+            .expect("the function answers within 60 s")
     }
 
     /// Time from process start to its first `/next` request (waits for it).
