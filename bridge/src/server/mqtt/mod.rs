@@ -10,17 +10,21 @@
 //!   reconnect with capped exponential backoff, resubscribe of the whole cover
 //!   on every CONNACK, `unavailable` for requests while the broker is away.
 //!
-//! rumqttc does not say which request a packet id belongs to, so requests are
-//! matched to ids by order: rumqttc handles requests in the order they were
-//! queued and reports each with an `Outgoing` event carrying its id
-//! (`Correlator`). On a lost connection it keeps the unsent ones for the next
-//! session and drops them if the broker has no session for us; the
-//! correlator mirrors exactly that.
-//!
-//! The event loop is polled in its own task ([`drive`]); incoming messages go
-//! straight to [`Hub::deliver`], which never blocks.
+//! Beside it: [`correlator`] (which request a packet id belongs to),
+//! [`connection`] (the event loop's task, [`Events`], reconnect backoff) and
+//! [`options`] (what the bridge connects with). Incoming messages go straight
+//! to [`Hub::deliver`], which never blocks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+mod connection;
+mod correlator;
+mod options;
+
+pub use connection::{drive, Events, FLAPPING, STABLE};
+pub use options::{mqtt_options, system_ca_bundle};
+
+use correlator::Correlator;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,11 +32,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, Request,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Broker, Settings};
 use crate::cover::Cover;
 use crate::server::hub::{Conn, ConnId, Hub};
 use crate::server::metrics::Metrics;
@@ -42,20 +45,6 @@ use crate::server::metrics::Metrics;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Filters per SUBSCRIBE packet (AWS IoT Core accepts at most 8).
 const FILTERS_PER_SUBSCRIBE: usize = 8;
-/// A session that lasted this long was not flapping: the backoff starts over.
-pub const STABLE: Duration = Duration::from_secs(10);
-/// Sessions in a row shorter than [`STABLE`] after which the broker is taken
-/// to be flapping (and, with nothing in flight, a client-id collision).
-pub const FLAPPING: u32 = 3;
-/// Longest wait between reconnects...
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// ...and while flapping.
-const MAX_BACKOFF_FLAPPING: Duration = Duration::from_secs(60);
-/// Largest MQTT packet accepted from the broker. Larger than any payload we
-/// deliver: an oversize message is counted and skipped, never a reason to
-/// drop the connection (the broker would redeliver it forever).
-const MAX_INCOMING_PACKET: usize = 268_435_455;
-
 /// Why the link could not carry out a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
@@ -72,70 +61,6 @@ fn unavailable(why: &str) -> LinkError {
 }
 
 type Reply = oneshot::Sender<Result<(), LinkError>>;
-
-/// Matches requests handed to rumqttc with the packet ids rumqttc gives them.
-#[derive(Debug)]
-struct Correlator<T> {
-    /// Requests queued in rumqttc, in order, not yet given an id.
-    fifo: VecDeque<T>,
-    /// Requests sent, by packet id, awaiting their ack.
-    inflight: HashMap<u16, T>,
-    /// After a lost connection: `fifo` positions of requests that rumqttc
-    /// holds for the next session and drops if the session is gone.
-    at_risk: std::ops::Range<usize>,
-}
-
-impl<T> Default for Correlator<T> {
-    fn default() -> Self {
-        Correlator {
-            fifo: VecDeque::new(),
-            inflight: HashMap::new(),
-            at_risk: 0..0,
-        }
-    }
-}
-
-impl<T> Correlator<T> {
-    /// An `Outgoing` event: the oldest queued request got `pkid` (0 for QoS 0,
-    /// which needs no ack and is returned to be resolved now). An id already
-    /// in flight is a retransmission and takes nothing from the queue.
-    fn sent(&mut self, pkid: u16) -> Option<T> {
-        if pkid != 0 && self.inflight.contains_key(&pkid) {
-            return None;
-        }
-        let t = self.fifo.pop_front()?;
-        self.at_risk = self.at_risk.start.saturating_sub(1)..self.at_risk.end.saturating_sub(1);
-        if pkid == 0 {
-            return Some(t);
-        }
-        self.inflight.insert(pkid, t);
-        None
-    }
-
-    fn acked(&mut self, pkid: u16) -> Option<T> {
-        self.inflight.remove(&pkid)
-    }
-
-    /// The connection was lost: `stale` requests have events still to come,
-    /// the next `pending` ones wait in rumqttc for the next session.
-    fn lost(&mut self, stale: usize, pending: usize) {
-        self.at_risk = stale..stale + pending;
-    }
-
-    /// CONNACK: without a session, what rumqttc held back and what was in
-    /// flight is gone; returned so the callers can be told.
-    fn connected(&mut self, session_present: bool) -> Vec<T> {
-        let mut gone = Vec::new();
-        if !session_present {
-            let end = self.at_risk.end.min(self.fifo.len());
-            let start = self.at_risk.start.min(end);
-            gone.extend(self.fifo.drain(start..end));
-            gone.extend(self.inflight.drain().map(|(_, t)| t));
-        }
-        self.at_risk = 0..0;
-        gone
-    }
-}
 
 /// A SUBSCRIBE packet's filters and why they were sent.
 #[derive(Debug)]
@@ -189,73 +114,6 @@ pub struct Link {
     metrics: Arc<Metrics>,
     up: watch::Sender<bool>,
 }
-
-/// rumqttc options for the main link (and, with another id, the retained
-/// fetcher).
-pub fn mqtt_options(
-    settings: &Settings,
-    client_id: &str,
-    clean_session: bool,
-) -> std::io::Result<MqttOptions> {
-    let (host, port, tls) = match &settings.broker {
-        Broker::Embedded(addr) => (addr.ip().to_string(), addr.port(), false),
-        Broker::External { host, port, tls } => (host.clone(), *port, *tls),
-    };
-    let mut opts = MqttOptions::new(client_id, host, port);
-    opts.set_keep_alive(Duration::from_secs(settings.keep_alive_secs));
-    opts.set_clean_session(clean_session);
-    opts.set_max_packet_size(
-        MAX_INCOMING_PACKET,
-        settings.limits.max_payload_bytes + 1024,
-    );
-    opts.set_inflight(100);
-    if let Some(user) = &settings.username {
-        let password = settings.password.as_ref().map_or("", |p| p.expose());
-        opts.set_credentials(user.clone(), password);
-    }
-    if tls {
-        let read = |p: &std::path::PathBuf| {
-            std::fs::read(p)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
-        };
-        let client_auth = match (&settings.cert, &settings.key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        let ca = match &settings.ca {
-            Some(p) => Some(read(p)?),
-            None => system_ca_bundle(),
-        };
-        let transport = match ca {
-            Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth,
-            }),
-            None if client_auth.is_none() => Transport::tls_with_default_config(),
-            None => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no CA bundle found on this system; pass --mqtt-ca",
-                ))
-            }
-        };
-        opts.set_transport(transport);
-    }
-    Ok(opts)
-}
-
-/// The system's CA bundle (Debian/Ubuntu, Amazon Linux/RHEL, Alpine paths).
-pub fn system_ca_bundle() -> Option<Vec<u8>> {
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/cert.pem",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-}
-
 impl Link {
     /// Creates the link; [`drive`] must then poll the event loop.
     pub fn new(opts: MqttOptions, hub: Arc<Hub>, metrics: Arc<Metrics>) -> (Arc<Link>, EventLoop) {
@@ -616,23 +474,6 @@ impl Link {
         self.pump(st);
     }
 }
-
-/// What an MQTT connection's events go to (the link, the retained fetcher).
-pub trait Events: Send + Sync + 'static {
-    fn on_event(&self, event: Event);
-    /// The connection failed (`attempt` counts failures since the last
-    /// CONNACK; `lasted` is how long the session had been up, if it was).
-    /// The event loop is given so that requests rumqttc would re-send can be
-    /// taken out.
-    fn on_error(
-        &self,
-        eventloop: &mut EventLoop,
-        error: &ConnectionError,
-        attempt: u32,
-        lasted: Option<Duration>,
-    );
-}
-
 /// The link's side of its MQTT connection's events (called by the poll task).
 impl Events for Link {
     fn on_event(&self, event: Event) {
@@ -800,143 +641,5 @@ impl Events for Link {
                 "the MQTT connection was lost; retry later",
             )));
         }
-    }
-}
-
-/// The wait before reconnecting: capped exponential backoff (100 ms to 10 s),
-/// started over only by a session that lasted, and capped at a minute while
-/// sessions keep ending soon after they begin (flapping).
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    short_sessions: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-
-    fn new() -> Self {
-        Backoff {
-            next: Self::FIRST,
-            short_sessions: 0,
-        }
-    }
-
-    /// The wait after a failure; `lasted` is how long the session had been up.
-    fn after(&mut self, lasted: Option<Duration>) -> Duration {
-        match lasted {
-            Some(t) if t >= STABLE => {
-                self.next = Self::FIRST;
-                self.short_sessions = 0;
-            }
-            Some(_) => self.short_sessions += 1,
-            None => {}
-        }
-        let cap = if self.short_sessions >= FLAPPING {
-            MAX_BACKOFF_FLAPPING
-        } else {
-            MAX_BACKOFF
-        };
-        let wait = self.next.min(cap);
-        self.next = (self.next * 2).min(cap);
-        wait
-    }
-}
-
-/// Polls an event loop until `stop` fires or the session says goodbye,
-/// reconnecting with [`Backoff`] (plus up to 100 ms of jitter).
-pub async fn drive<E: Events>(
-    events: Arc<E>,
-    mut eventloop: EventLoop,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = Backoff::new();
-    let mut attempt = 0u32;
-    let mut up_since: Option<Instant> = None;
-    loop {
-        let polled = tokio::select! {
-            polled = eventloop.poll() => polled,
-            _ = stop.changed() => break,
-        };
-        match polled {
-            Ok(event) => {
-                if matches!(event, Event::Incoming(Incoming::ConnAck(_))) {
-                    attempt = 0;
-                    up_since = Some(Instant::now());
-                }
-                let disconnect = matches!(event, Event::Outgoing(Outgoing::Disconnect));
-                events.on_event(event);
-                if disconnect {
-                    break;
-                }
-            }
-            Err(error) => {
-                attempt += 1;
-                let lasted = up_since.take().map(|t| t.elapsed());
-                events.on_error(&mut eventloop, &error, attempt, lasted);
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.subsec_nanos());
-                let jitter = Duration::from_millis(u64::from(nanos % 100));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.after(lasted) + jitter) => {}
-                    _ = stop.changed() => break,
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn correlator_orders_and_survives_a_lost_session() {
-        let mut c = Correlator::<u32>::default();
-        c.fifo.extend([1, 2, 3, 4]);
-        assert_eq!(c.sent(0), Some(1)); // QoS 0: resolved at once
-        assert_eq!(c.sent(7), None); // 2 in flight as 7
-        assert_eq!(c.sent(7), None); // retransmission: nothing taken
-        assert_eq!(c.fifo.len(), 2);
-        // Lost: one stale event (3) to come, one request (4) held back.
-        c.lost(1, 1);
-        c.fifo.push_back(5); // queued in the race window
-        let gone = c.connected(false);
-        assert_eq!(gone.len(), 2); // 4 and the in-flight 2
-        assert!(gone.contains(&4) && gone.contains(&2));
-        assert_eq!(c.sent(0), Some(3));
-        assert_eq!(c.sent(0), Some(5));
-    }
-
-    #[test]
-    fn backoff_grows_starts_over_after_a_stable_session_and_caps_when_flapping() {
-        let ms = Duration::from_millis;
-        let mut b = Backoff::new();
-        // The broker is down: 100 ms, 200 ms, ... up to 10 s.
-        let waits: Vec<Duration> = (0..10).map(|_| b.after(None)).collect();
-        assert_eq!(waits[..3], [ms(100), ms(200), ms(400)]);
-        assert_eq!(waits[9], MAX_BACKOFF);
-        // A session that lasted: from the start again.
-        assert_eq!(b.after(Some(STABLE)), ms(100));
-        // Sessions that keep ending at once: the wait keeps growing (a CONNACK
-        // does not start it over), past 10 s once it is flapping.
-        let mut last = Duration::ZERO;
-        for _ in 0..12 {
-            last = b.after(Some(ms(50)));
-        }
-        assert_eq!(last, MAX_BACKOFF_FLAPPING);
-    }
-
-    #[test]
-    fn correlator_keeps_everything_with_a_session() {
-        let mut c = Correlator::<u32>::default();
-        c.fifo.extend([1, 2]);
-        c.sent(3);
-        c.lost(0, 1);
-        assert!(c.connected(true).is_empty());
-        assert_eq!(c.sent(3), None); // retransmitted
-        assert_eq!(c.acked(3), Some(1));
-        assert_eq!(c.sent(0), Some(2));
     }
 }
