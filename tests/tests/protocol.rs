@@ -149,10 +149,20 @@ both_backends_and_aws!(invalid_channels, |s: Setup| async move {
 });
 
 // Not on RabbitMQ: its tests share one node, each under a topic prefix, and
-// under a prefix a `$` channel is no longer a `$` topic at the broker.
-both_backends!(
+// under a prefix a `$` channel is no longer a `$` topic at the broker. On AWS
+// the deployment names them too (ReservedChannels), and its topic rule's
+// filter (TopicFilter, `#` by default, which no `$` topic matches) must cover
+// them for device messages to reach web clients.
+both_backends_and_aws!(
     reserved_channels_named_by_the_deployment,
-    Opts::default().args(["--reserved-channel", "$app/#"]),
+    Opts::default()
+        .args(["--reserved-channel", "$app/#"])
+        .aws_args([
+            "--parameter",
+            "ReservedChannels=$app/#",
+            "--parameter",
+            "TopicFilter=$app/#",
+        ]),
     |s: Setup| async move {
         let mut c = s.client().await;
         c.subscribe("$app/#").await;
