@@ -226,26 +226,64 @@ fn sign(key: &EncodingKey, alg: Algorithm, kid: &str, claims: &Value) -> String 
     jsonwebtoken::encode(&header, claims, key).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwks_rs256_and_es256() {
-    let dir = std::env::temp_dir().join(format!("bridge-jwks-{}", std::process::id()));
+/// Serves `body` as JSON to every request on a free port (a JWKS endpoint
+/// for aws-local's authorizer); its URL.
+async fn serve_json(body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/.well-known/jwks.json")
+}
+
+/// RS256 and ES256 tokens checked against a JWKS: the bridge reads it from
+/// a file (`--jwks`), the AWS deployment's authorizer from a URL
+/// (`BRIDGE_JWKS_URL`), and refuses a bad token with its Deny, 403.
+async fn jwks_rs256_and_es256(backend: Backend) {
+    let dir = std::env::temp_dir().join(format!("bridge-jwks-{}-{backend:?}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (rsa, rsa_jwk) = keypair(&dir, Algorithm::RS256, "rsa-1");
     let (ec, ec_jwk) = keypair(&dir, Algorithm::ES256, "ec-1");
     let (other, _) = keypair(&dir, Algorithm::RS256, "rsa-unknown");
-    let jwks = dir.join("jwks.json");
-    std::fs::write(
-        &jwks,
-        serde_json::to_string(&JwkSet {
-            keys: vec![rsa_jwk, ec_jwk],
-        })
-        .unwrap(),
-    )
+    let jwks = serde_json::to_string(&JwkSet {
+        keys: vec![rsa_jwk, ec_jwk],
+    })
     .unwrap();
-    let s = Setup::with(
-        Backend::Embedded,
-        Opts::default().arg("--jwks").arg(jwks.to_str().unwrap()),
-    );
+    let (opts, refusal) = match backend {
+        Backend::AwsLocal => (
+            Opts::default().env("BRIDGE_JWKS_URL", &serve_json(jwks).await),
+            "HTTP 403",
+        ),
+        _ => {
+            let file = dir.join("jwks.json");
+            std::fs::write(&file, jwks).unwrap();
+            (
+                Opts::default().arg("--jwks").arg(file.to_str().unwrap()),
+                "HTTP 401",
+            )
+        }
+    };
+    let s = Setup::with(backend, opts);
     let url = s.bridge.ws_url();
     let c = claims();
     for token in [
@@ -262,18 +300,32 @@ async fn jwks_rs256_and_es256() {
             .await;
     }
     // Unknown key, a key posing under another's kid, HS256 against public keys.
-    refused(
-        &url,
-        Some(&sign(&other, Algorithm::RS256, "rsa-unknown", &c)),
-    )
-    .await;
-    refused(&url, Some(&sign(&other, Algorithm::RS256, "rsa-1", &c))).await;
-    refused(&url, Some(&sign(&rsa, Algorithm::RS256, "ec-1", &c))).await;
-    refused(&url, Some(&hs256_token(SECRET, c.clone()))).await;
     let mut expired = c.clone();
     expired["exp"] = json!(now() - 60);
-    refused(&url, Some(&sign(&rsa, Algorithm::RS256, "rsa-1", &expired))).await;
+    for bad in [
+        sign(&other, Algorithm::RS256, "rsa-unknown", &c),
+        sign(&other, Algorithm::RS256, "rsa-1", &c),
+        sign(&rsa, Algorithm::RS256, "ec-1", &c),
+        hs256_token(SECRET, c.clone()),
+        sign(&rsa, Algorithm::RS256, "rsa-1", &expired),
+    ] {
+        match Client::try_connect(&url, Some(&bad)).await {
+            Err(e) => assert_eq!(e, refusal),
+            Ok(_) => panic!("connect to {url} should be refused at the handshake"),
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_rs256_and_es256_embedded() {
+    jwks_rs256_and_es256(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_rs256_and_es256_aws_local() {
+    Setup::warm_up(&[Backend::AwsLocal]);
+    jwks_rs256_and_es256(Backend::AwsLocal).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
