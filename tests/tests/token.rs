@@ -143,6 +143,7 @@ both_backends_and_aws!(with_auth_off_auth_is_acknowledged, |s: Setup| async move
 
 /// A token whose header is text an attacker chose: neither the 401 body
 /// nor the logs echo it.
+// On AWS (a 403, the authorizer's Deny): aws_local.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_header_is_not_echoed() {
     let s = Setup::with(tests::Backend::Embedded, secured());
