@@ -404,6 +404,42 @@ async fn device_messages_arrive_once_each_in_any_order() {
     c.expect_silence().await;
 }
 
+/// Pipelined web publishes: each is acknowledged and reaches the broker
+/// exactly once, in whatever order the concurrent handler invocations
+/// (one per frame) finish (self-hosted keeps their order: delivery.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_web_publishes_arrive_once_each_in_any_order() {
+    let s = aws(Opts::default());
+    let mut a = s.client().await;
+    let mut dev = s.device("d").await;
+    dev.subscribe("w/#").await;
+    for i in 0..100 {
+        a.send(json!({"action":"publish","channel":"w/x","data":i,"id":i,"qos": i % 2}))
+            .await;
+    }
+    let mut acks = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let f = a.next_json().await;
+        assert_eq!(f["type"], "ack", "{f}");
+        acks.insert(f["id"].as_u64().unwrap());
+    }
+    assert_eq!(acks, (0..100).collect());
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        let p = dev.next_publish().await;
+        got.push(
+            String::from_utf8(p.payload.to_vec())
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    got.sort();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    dev.expect_silence().await;
+    a.expect_silence().await;
+}
+
 /// A live message carries its `mid`, the same for every recipient and
 /// different for the next message; a retained one carries none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
