@@ -34,10 +34,11 @@ use tungstenite::{Message, Utf8Bytes};
 
 use self::frame_bounds::{FrameBounds, LARGE};
 
-/// tungstenite's read buffer per connection (its default, 128 KiB, would be
-/// most of an idle connection's memory). Larger frames grow it as needed;
-/// after a large one it is renewed.
-const READ_BUFFER: usize = 2 * 1024;
+/// tungstenite's read buffer per connection, allocated up front (its default,
+/// 128 KiB, would be most of an idle connection's memory; 2 KiB was a third of
+/// it). Client requests are a few hundred bytes; larger frames grow it as
+/// needed, and after a large one it is renewed.
+const READ_BUFFER: usize = 512;
 /// Frames are batched up to this size before a write.
 const WRITE_BUFFER: usize = 8 * 1024;
 /// How long the close frame may take; the connection ends either way.
