@@ -111,8 +111,11 @@ fi
 if [ "$auth" = "off" ]; then jwks_url=""; fi
 
 echo "==> building the functions ($arch, profile lambda)"
+# Without the default feature `local` (aws-local's dependencies): its tokio
+# and hyper features would otherwise be unified into the functions.
 (cd "$root" && cargo lambda build --profile lambda "$target_flag" --package lambdas \
-  --bin ws-handler --bin ws-authorizer --bin iot-fanout --lambda-dir "$here/build")
+  --no-default-features --bin ws-handler --bin ws-authorizer --bin iot-fanout \
+  --lambda-dir "$here/build")
 
 echo "==> looking up this account's IoT data endpoint"
 iot_endpoint="$(aws iot describe-endpoint --endpoint-type iot:Data-ATS --region "$region" \

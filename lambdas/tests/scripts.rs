@@ -667,6 +667,11 @@ fn deploy_builds_with_the_size_profile() {
     assert_eq!(build[profile + 1], "lambda");
     assert!(!build.contains(&"--release".to_string()), "{build:?}");
     assert!(build.contains(&"--x86-64".to_string()));
+    // The functions without aws-local's dependencies (feature `local`).
+    assert!(
+        build.contains(&"--no-default-features".to_string()),
+        "{build:?}"
+    );
     // The profile: small binaries (Lambda bills init time and the package
     // limit counts bytes), no unwinding tables, no symbols.
     let cargo_toml =
