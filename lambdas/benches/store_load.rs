@@ -99,6 +99,8 @@ struct Figures {
     read_units: f64,
     write_units: f64,
     hottest: (String, usize),
+    /// The next hottest keys after it.
+    runners_up: Vec<(String, usize)>,
 }
 
 /// Steady state: requests after the first (cache-warming) second.
@@ -115,17 +117,24 @@ fn figures(billed: &[Billed], start_ms: i64, messages: usize) -> Figures {
                 .or_insert(0) += 1;
         }
     }
-    let hottest = per_second
-        .into_iter()
-        .max_by_key(|(_, n)| *n)
-        .map(|((pk, _), n)| (pk, n))
-        .unwrap_or_default();
+    // Each key at its busiest second, hottest first.
+    let mut busiest: BTreeMap<String, usize> = BTreeMap::new();
+    for ((pk, _), n) in per_second {
+        let top = busiest.entry(pk).or_insert(0);
+        *top = (*top).max(n);
+    }
+    let mut ranked: Vec<(String, usize)> = busiest.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut ranked = ranked.into_iter();
+    let hottest = ranked.next().unwrap_or_default();
+    let runners_up = ranked.take(3).collect();
     Figures {
         messages,
         requests: steady.len() as f64,
         read_units: steady.iter().map(|b| b.read_units).sum(),
         write_units: steady.iter().map(|b| b.write_units).sum(),
         hottest,
+        runners_up,
     }
 }
 
@@ -194,9 +203,12 @@ async fn main() {
             for m in 0..DEVICES {
                 let n = second * DEVICES + m;
                 let report = envs[n % ENVIRONMENTS]
-                    .handle(rule_event(
+                    .handle(rule_event_with_id(
                         &device_topic((m * 7) % DEVICES),
                         b"{\"t\":21.5}",
+                        // Each message its own id, as the rule's newuuid()
+                        // gives: the progress rows are keyed by it.
+                        &format!("00000000-0000-4000-8000-{n:012}"),
                     ))
                     .await
                     .expect("fan-out");
@@ -229,6 +241,12 @@ async fn main() {
             f.hottest.0,
             started.elapsed().as_secs_f64()
         );
+        let next: Vec<String> = f
+            .runners_up
+            .iter()
+            .map(|(key, n)| format!("{key} ({n}/s)"))
+            .collect();
+        println!("  {:<22} next hottest: {}", "", next.join(", "));
         let reads: f64 = h.read_units / subscribes as f64;
         println!(
             "  {:<22} handler per reconnect: {:.1} requests, {:.1} read units; hottest key of the handler: {} ({}/s)",
