@@ -24,7 +24,11 @@
 //!    invocation posts everything: what the fan-out did before it split).
 //!    The lookup cache is off, so every message reads its channel's rows.
 //!
-//! Needs moto's server: `pip install 'moto[server]'`.
+//! Needs moto's server: `pip install 'moto[server]'`. Stock moto copies the
+//! whole table in every transaction and scans it in every query, which makes
+//! the seeding quadratic and the lookups slow; run with the benches' own
+//! `moto_server` first on PATH (same answers, see its header):
+//! `PATH=$PWD/lambdas/benches/moto:$PATH cargo bench -p lambdas --bench …`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -24,7 +24,11 @@
 //! write units per device message, and the hottest partition key's requests
 //! in one second, after a first second that warms the caches.
 //!
-//! Needs moto's server: `pip install 'moto[server]'`.
+//! Needs moto's server: `pip install 'moto[server]'`. Stock moto copies the
+//! whole table in every transaction and scans it in every query, which makes
+//! the seeding quadratic and the lookups slow; run with the benches' own
+//! `moto_server` first on PATH (same answers, see its header):
+//! `PATH=$PWD/lambdas/benches/moto:$PATH cargo bench -p lambdas --bench …`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
