@@ -36,4 +36,4 @@ pub use rabbitmq::RabbitMq;
 pub use setup::{Backend, Setup};
 pub use simulator::Simulator;
 pub use stalled::stalled_ws;
-pub use tokens::{hs256_token, now};
+pub use tokens::{hostile_header_tokens, hs256_token, now, refused_without_echo};
