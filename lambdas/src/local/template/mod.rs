@@ -10,7 +10,7 @@
 //! uses (`Ref`, `Fn::Sub`, `Fn::GetAtt`, `Fn::If`, `Fn::Equals`, `Fn::Not`,
 //! `Fn::And`, `Fn::Or`, `Fn::Join`, `Fn::Select`, `Condition`) are evaluated
 //! with the parameter values of [`crate::local::parameters`] (the evaluator is
-//! [`eval`], beside this file); resources whose
+//! `eval.rs`, beside this file); resources whose
 //! condition is false do not exist. Anything aws-local cannot play (another
 //! integration type, IAM authorization, a non-custom runtime, an intrinsic
 //! function it does not know) is refused with the resource's name, never
