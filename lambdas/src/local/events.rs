@@ -71,40 +71,10 @@ impl Handshake {
         ctx
     }
 
-    fn header_maps(&self) -> (Value, Value) {
-        let mut single = Map::new();
-        let mut multi: Map<String, Value> = Map::new();
-        for (k, v) in &self.headers {
-            single.insert(k.clone(), json!(v));
-            match multi.get_mut(k) {
-                Some(Value::Array(a)) => a.push(json!(v)),
-                _ => {
-                    multi.insert(k.clone(), json!([v]));
-                }
-            }
-        }
-        (Value::Object(single), Value::Object(multi))
-    }
-
-    fn query_maps(&self) -> (Value, Value) {
-        let mut single = Map::new();
-        let mut multi: Map<String, Value> = Map::new();
-        for (k, v) in &self.query {
-            single.insert(k.clone(), json!(v));
-            match multi.get_mut(k) {
-                Some(Value::Array(a)) => a.push(json!(v)),
-                _ => {
-                    multi.insert(k.clone(), json!([v]));
-                }
-            }
-        }
-        (Value::Object(single), Value::Object(multi))
-    }
-
     /// The REQUEST authorizer's event.
     pub fn authorizer_event(&self) -> Value {
-        let (headers, multi_headers) = self.header_maps();
-        let (query, multi_query) = self.query_maps();
+        let (headers, multi_headers) = single_and_multi(&self.headers);
+        let (query, multi_query) = single_and_multi(&self.query);
         json!({
             "type": "REQUEST",
             "methodArn": self.method_arn(),
@@ -119,7 +89,7 @@ impl Handshake {
 
     /// `$connect`'s event.
     pub fn connect_event(&self, authorizer: Option<&Value>) -> Value {
-        let (headers, multi_headers) = self.header_maps();
+        let (headers, multi_headers) = single_and_multi(&self.headers);
         let mut event = json!({
             "headers": headers,
             "multiValueHeaders": multi_headers,
@@ -127,7 +97,7 @@ impl Handshake {
             "isBase64Encoded": false,
         });
         if !self.query.is_empty() {
-            let (query, multi_query) = self.query_maps();
+            let (query, multi_query) = single_and_multi(&self.query);
             event["queryStringParameters"] = query;
             event["multiValueQueryStringParameters"] = multi_query;
         }
@@ -172,6 +142,24 @@ pub fn authorizer_context(principal: &str, context: &Map<String, Value>) -> Valu
         out.insert(k.clone(), Value::String(text));
     }
     Value::Object(out)
+}
+
+/// Name-value pairs as API Gateway gives them twice over: the last value of
+/// each name (`headers`, `queryStringParameters`) and every value in order
+/// (`multiValueHeaders`, `multiValueQueryStringParameters`).
+fn single_and_multi(pairs: &[(String, String)]) -> (Value, Value) {
+    let mut single = Map::new();
+    let mut multi: Map<String, Value> = Map::new();
+    for (k, v) in pairs {
+        single.insert(k.clone(), json!(v));
+        match multi.get_mut(k) {
+            Some(Value::Array(a)) => a.push(json!(v)),
+            _ => {
+                multi.insert(k.clone(), json!([v]));
+            }
+        }
+    }
+    (Value::Object(single), Value::Object(multi))
 }
 
 #[cfg(test)]
