@@ -36,7 +36,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
 use support::pool::FunctionPool;
 use support::*;
@@ -140,7 +140,7 @@ async fn main() {
     // writes them (the fan-out reads nothing else of a connection).
     let seeding = Instant::now();
     let expires = (now_secs() + 7800).to_string();
-    let mut requests: Vec<WriteRequest> = Vec::new();
+    let mut items = Vec::new();
     let mut row_bytes = 0;
     for n in SIZES {
         for i in 0..n {
@@ -153,20 +153,13 @@ async fn main() {
                 ("ttl".to_string(), AttributeValue::N(expires.clone())),
             ]);
             row_bytes = support::capacity::item_size(&item);
-            let put = PutRequest::builder().set_item(Some(item)).build().unwrap();
-            requests.push(WriteRequest::builder().put_request(put).build());
+            items.push(item);
         }
     }
-    for chunk in requests.chunks(25) {
-        ddb.batch_write_item()
-            .request_items(&table, chunk.to_vec())
-            .send()
-            .await
-            .expect("seed");
-    }
+    let rows = items.len();
+    put_items(&ddb, &table, items).await;
     println!(
-        "\nseeded {} subscriber rows ({row_bytes} bytes each) in {:.0} s",
-        requests.len(),
+        "\nseeded {rows} subscriber rows ({row_bytes} bytes each) in {:.0} s",
         seeding.elapsed().as_secs_f64()
     );
 

@@ -22,7 +22,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::AttributeValue;
 use support::*;
 
 /// (channel, subscribers)
@@ -61,7 +61,7 @@ async fn main() {
     env.push(("BRIDGE_LOOKUP_CACHE_MS".into(), "0".into()));
     env.push(("BRIDGE_FANOUT_PART_SIZE".into(), "0".into()));
     let expires = (now_secs() + 7800).to_string();
-    let mut requests = Vec::new();
+    let mut items = Vec::new();
     for (channel, n) in RUNS {
         for i in 0..n {
             let item = HashMap::from([
@@ -75,17 +75,10 @@ async fn main() {
                 ),
                 ("ttl".to_string(), AttributeValue::N(expires.clone())),
             ]);
-            let put = PutRequest::builder().set_item(Some(item)).build().unwrap();
-            requests.push(WriteRequest::builder().put_request(put).build());
+            items.push(item);
         }
     }
-    for chunk in requests.chunks(25) {
-        ddb.batch_write_item()
-            .request_items(&table, chunk.to_vec())
-            .send()
-            .await
-            .expect("seed");
-    }
+    put_items(&ddb, &table, items).await;
     println!("profiling {binary}");
     let mut counts = Vec::new();
     for (channel, n) in RUNS {

@@ -258,6 +258,30 @@ pub async fn keys(client: &aws_sdk_dynamodb::Client, table: &str) -> Vec<String>
     keys
 }
 
+/// Writes `items` in `BatchWriteItem`'s batches of 25 (the benches' seeding).
+pub async fn put_items(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    items: Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+) {
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+    let requests: Vec<WriteRequest> = items
+        .into_iter()
+        .map(|item| {
+            let put = PutRequest::builder().set_item(Some(item)).build().unwrap();
+            WriteRequest::builder().put_request(put).build()
+        })
+        .collect();
+    for chunk in requests.chunks(25) {
+        client
+            .batch_write_item()
+            .request_items(table, chunk.to_vec())
+            .send()
+            .await
+            .expect("BatchWriteItem");
+    }
+}
+
 // ------------------------------------------------------------------ stand-in
 
 /// One request the stand-in received.
