@@ -34,6 +34,16 @@ fn tile(id: &str) -> String {
     )
 }
 
+/// The text of what `selector` finds in device `id`'s tile.
+async fn tile_text(page: &Page, id: &str, selector: &str) -> serde_json::Value {
+    page.eval(&format!(
+        "{}.querySelector({}).textContent",
+        tile(id),
+        json!(selector)
+    ))
+    .await
+}
+
 /// JS: the ids of the tiles, in page order.
 const TILE_IDS: &str =
     "[...document.querySelectorAll('#tiles [data-device]')].map((t) => t.dataset.device)";
@@ -415,36 +425,17 @@ async fn hostile_devices_and_a_flood_of_them() {
     assert_eq!(page.eval("typeof window.pwned").await, "undefined");
     assert_eq!(page.eval("({}).polluted === undefined").await, true);
     // Invisible and direction-changing characters are shown, not obeyed.
-    assert_eq!(
-        page.eval(&format!("{}.querySelector('h2').textContent", tile(weird)))
-            .await,
-        "\\u{202E}lanigiro-01"
-    );
-    assert_eq!(
-        page.eval(&format!(
-            "{}.querySelector('h2').textContent",
-            tile(hostile[2])
-        ))
-        .await,
-        "dev\\u{200B}-01"
-    );
+    assert_eq!(tile_text(&page, weird, "h2").await, "\\u{202E}lanigiro-01");
+    assert_eq!(tile_text(&page, hostile[2], "h2").await, "dev\\u{200B}-01");
     // Only finite numbers become readings, and the odd key is text.
     let readings = page.eval(&readings_of(hostile[0])).await;
     assert_eq!(readings, 2, "the two numbers; the odd key shown as text");
     assert_eq!(
-        page.eval(&format!(
-            "{}.querySelector('.metric:not([data-reading=humidity]) dt').textContent",
-            tile(hostile[0])
-        ))
-        .await,
+        tile_text(&page, hostile[0], ".metric:not([data-reading=humidity]) dt").await,
         "<img src=x onerror=window.pwned…"
     );
     assert_eq!(
-        page.eval(&format!(
-            "{}.querySelector('[data-reading=humidity] dd').textContent",
-            tile(hostile[0])
-        ))
-        .await,
+        tile_text(&page, hostile[0], "[data-reading=humidity] dd").await,
         "1.000e+308 %"
     );
     // Arrays, strings and binary are no readings; 5,000 numbers make six.
