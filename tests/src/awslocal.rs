@@ -14,7 +14,6 @@
 //! a second for cached reads to age) and two processes per function (each
 //! takes a quarter of a second of CPU to start); a test's own flags win.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::bridge::{Bridge, Opts};
 use crate::mosquitto::Mosquitto;
-use crate::processes::die_with_parent;
+use crate::processes::{append, built_binary, die_with_parent, on_lines};
 
 /// How long an aws-local may take to start (its Lambda processes' init
 /// included) on a busy machine.
@@ -32,21 +31,10 @@ pub const START: Duration = Duration::from_secs(60);
 /// The `aws-local` binary of this build (target/<profile>/aws-local), or
 /// `$AWS_LOCAL_BIN`.
 pub fn aws_local_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("AWS_LOCAL_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("aws-local");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p lambdas`; `cargo test --workspace` does)",
-        bin.display()
-    );
-    bin
+    built_binary("aws-local", "AWS_LOCAL_BIN", "lambdas")
 }
 
-/// Reads a child's output lines into `sink`; sends the first line holding
+/// Reads a child's output lines into `sink`; sends each line holding
 /// `marker` to `found`.
 fn collect(
     out: impl std::io::Read + Send + 'static,
@@ -54,15 +42,11 @@ fn collect(
     marker: &'static str,
     found: std::sync::mpsc::Sender<String>,
 ) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains(marker) {
-                let _ = found.send(line.clone());
-            }
-            let mut s = sink.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
+    on_lines(out, move |line| {
+        if line.contains(marker) {
+            let _ = found.send(line.clone());
         }
+        append(&sink, &line);
     });
 }
 

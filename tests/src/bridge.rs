@@ -4,7 +4,6 @@
 //! `aws-local serve` process that plays API Gateway (see `awslocal`), which
 //! has no `/metrics`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,23 +11,11 @@ use std::time::Duration;
 
 use crate::http::http_get;
 use crate::mosquitto::Mosquitto;
-use crate::processes::{die_with_parent, free_port, WAIT};
+use crate::processes::{append, built_binary, die_with_parent, free_port, on_lines, WAIT};
 
 /// The `bridge` binary of this build (target/<profile>/bridge).
 pub fn bridge_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("BRIDGE_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test binary>
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("bridge");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p bridge`; `cargo test --workspace` does)",
-        bin.display()
-    );
-    bin
+    built_binary("bridge", "BRIDGE_BIN", "bridge")
 }
 
 /// A running `bridge serve`.
@@ -142,24 +129,17 @@ impl Bridge {
             .spawn()
             .expect("start bridge");
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
+        on_lines(child.stderr.take().unwrap(), move |line| {
+            append(&sink, &line)
         });
-        let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("bridge listening on ") {
-                    let rest = rest
-                        .trim_start_matches("ws://")
-                        .trim_start_matches("wss://");
-                    let _ = tx.send(rest.trim_end_matches("/ws").to_string());
-                }
+        on_lines(child.stdout.take().unwrap(), move |line| {
+            if let Some(rest) = line.strip_prefix("bridge listening on ") {
+                let rest = rest
+                    .trim_start_matches("ws://")
+                    .trim_start_matches("wss://");
+                let _ = tx.send(rest.trim_end_matches("/ws").to_string());
             }
         });
         let addr = match rx.recv_timeout(WAIT) {

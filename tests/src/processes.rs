@@ -2,8 +2,11 @@
 //! test, listens on a port nobody else has, and is waited for with the same
 //! patience (`WAIT` for what should happen, `QUIET` for what should not).
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Makes a child die with the test process (a killed or timed-out test run
@@ -61,4 +64,42 @@ pub(crate) fn terminate(child: &mut Child, what: &str) -> ExitStatus {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A binary of this build (`target/<profile>/NAME`, beside the test
+/// binary's `deps/`), or the path in `env_var`.
+pub(crate) fn built_binary(name: &str, env_var: &str, package: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env_var) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test binary>
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p {package}`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Reads a child's `pipe` line by line on a thread of its own, handing each
+/// line to `each`.
+pub(crate) fn on_lines(
+    pipe: impl Read + Send + 'static,
+    mut each: impl FnMut(String) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            each(line);
+        }
+    });
+}
+
+/// Appends a line to a log shared with the test.
+pub(crate) fn append(log: &Mutex<String>, line: &str) {
+    let mut log = log.lock().unwrap();
+    log.push_str(line);
+    log.push('\n');
 }

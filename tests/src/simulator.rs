@@ -2,13 +2,12 @@
 //! device ids read from the line it prints, killed (SIGKILL: its devices'
 //! last wills fire) or stopped (SIGTERM: they say offline themselves).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bridge::bridge_bin;
-use crate::processes::{die_with_parent, WAIT};
+use crate::processes::{append, die_with_parent, on_lines, WAIT};
 
 /// A running `bridge simulate`.
 pub struct Simulator {
@@ -36,22 +35,14 @@ impl Simulator {
             .spawn()
             .expect("start bridge simulate");
         let stderr = Arc::new(Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
+        on_lines(child.stderr.take().unwrap(), move |line| {
+            append(&sink, &line)
         });
         let stdout = Arc::new(Mutex::new(Vec::new()));
-        let out_pipe = child.stdout.take().unwrap();
         let lines = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
+        on_lines(child.stdout.take().unwrap(), move |line| {
+            lines.lock().unwrap().push(line)
         });
         let mut sim = Simulator {
             ids: Vec::new(),
