@@ -44,6 +44,17 @@ async fn tile_text(page: &Page, id: &str, selector: &str) -> serde_json::Value {
     .await
 }
 
+/// Opens the dashboard the bridge serves and waits until it is connected.
+async fn open_dashboard(page: &Page, bridge: &Bridge) {
+    page.navigate(&bridge.http("/")).await;
+    page.wait_for(
+        "the page to connect",
+        WAIT,
+        "document.body.dataset.connected === 'true'",
+    )
+    .await;
+}
+
 /// JS: the ids of the tiles, in page order.
 const TILE_IDS: &str =
     "[...document.querySelectorAll('#tiles [data-device]')].map((t) => t.dataset.device)";
@@ -128,13 +139,7 @@ async fn the_fleet_dashboard() {
     let mut bridge = Bridge::external(&mosquitto, opts.clone());
     let browser = Browser::open("about:blank");
     let page = browser.page().await;
-    page.navigate(&bridge.http("/")).await;
-    page.wait_for(
-        "the page to connect",
-        WAIT,
-        "document.body.dataset.connected === 'true'",
-    )
-    .await;
+    open_dashboard(&page, &bridge).await;
 
     // Two simulators: five tiles, all online, within 5 s.
     let started = Instant::now();
@@ -350,13 +355,7 @@ async fn hostile_devices_and_a_flood_of_them() {
     let bridge = Bridge::embedded(Opts::default());
     let browser = Browser::open("about:blank");
     let page = browser.page().await;
-    page.navigate(&bridge.http("/")).await;
-    page.wait_for(
-        "the page to connect",
-        WAIT,
-        "document.body.dataset.connected === 'true'",
-    )
-    .await;
+    open_dashboard(&page, &bridge).await;
     let mut dev = Device::connect(bridge.mqtt_port, "mallory").await;
 
     let hostile = [
