@@ -499,12 +499,7 @@ async fn retained_replay_reads_iot_and_posts_before_the_ack() {
             ),
         ]
     );
-    let listed = kit
-        .standin
-        .records()
-        .iter()
-        .filter(|r| r.raw_path == "/retainedMessage")
-        .count();
+    let listed = kit.standin.retained_listings();
     assert_eq!(listed, 1);
     // IoT Core unavailable: the subscribe fails with the request's id and is undone.
     let before = kit.keys().await;
@@ -633,12 +628,7 @@ async fn retained_replay_is_bounded_in_count_bytes_and_pages_and_says_what_it_le
     let reply = replay(&h, "c3", "zz/+").await;
     assert_eq!(reply, json!({"type":"ack","id":1}));
     assert_eq!(posted_to("c3"), [json!({"type":"lagged","dropped":1})]);
-    let listed = kit
-        .standin
-        .records()
-        .iter()
-        .filter(|r| r.raw_path == "/retainedMessage")
-        .count();
+    let listed = kit.standin.retained_listings();
     assert_eq!(listed, 25);
     // The subscription itself holds: the next live message reaches it.
     assert!(kit.keys().await.contains(&"filter#zz/+|c3".to_string()));
@@ -663,12 +653,7 @@ async fn retained_listing_stops_at_the_time_bound() {
         .unwrap();
     assert!(found.listing_cut);
     assert!(found.messages.is_empty(), "no fetch starts after the bound");
-    let listed = kit
-        .standin
-        .records()
-        .iter()
-        .filter(|r| r.raw_path == "/retainedMessage")
-        .count();
+    let listed = kit.standin.retained_listings();
     // Pages take 100 ms each: two or three start within 250 ms, never all five.
     assert!((2..=3).contains(&listed), "{listed} pages listed");
     assert_eq!(

@@ -416,6 +416,14 @@ impl StandIn {
             .collect()
     }
 
+    /// IoT Data Plane `ListRetainedMessages` pages requested.
+    pub fn retained_listings(&self) -> usize {
+        self.records()
+            .iter()
+            .filter(|r| r.raw_path == "/retainedMessage")
+            .count()
+    }
+
     /// Posts to this connection answer 410 Gone from now on.
     pub fn set_gone(&self, connection: &str) {
         self.state.gone.lock().unwrap().insert(connection.into());
